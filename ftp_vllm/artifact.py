@@ -1,0 +1,155 @@
+"""The router artifact: one small folder that says how to route one specific model.
+
+    router.json         format, version, router kind, schedules, model fingerprint, provenance
+    router.safetensors  MLP weights (absent for the static router)
+
+Loading checks everything a wrong file could get wrong and names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from ftp_vllm.routing.router import MLPRouter, StaticRouter, TokenRouter
+from ftp_vllm.routing.schedule import SparsitySchedule
+
+FORMAT = "ftp-vllm-router"
+VERSION = 1
+CONFIG_FILE = "router.json"
+WEIGHTS_FILE = "router.safetensors"
+FINGERPRINT_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "vocab_size",
+)
+
+
+class ArtifactError(ValueError):
+    """A router artifact that cannot serve: the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str, fix: str = ""):
+        self.path = Path(path)
+        msg = f"router artifact {path}: {problem}"
+        super().__init__(msg + (f". {fix}" if fix else ""))
+
+
+def model_fingerprint(config: Any, final_norm_weight: torch.Tensor) -> dict[str, Any]:
+    """Identity of a model: its shape and a hash of its final norm weights.
+
+    The norm weights tell apart checkpoints of one architecture (base vs instruct) and are
+    whole on every tensor-parallel rank, so vLLM workers compute the same fingerprint.
+    """
+    cfg = config if isinstance(config, dict) else config.to_dict()
+    fp = {k: cfg.get(k) for k in FINGERPRINT_KEYS}
+    if fp["num_key_value_heads"] is None:
+        fp["num_key_value_heads"] = fp["num_attention_heads"]
+    data = final_norm_weight.detach().float().cpu().contiguous().numpy().tobytes()
+    fp["norm_sha256"] = hashlib.sha256(data).hexdigest()
+    return fp
+
+
+@dataclass
+class RouterArtifact:
+    kind: str  # "mlp" or "static"
+    schedule: SparsitySchedule
+    fingerprint: dict[str, Any]
+    router: TokenRouter
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.schedule.num_layers
+
+    def save(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "router": {"kind": self.kind},
+            "schedules": self.schedule.to_dict(),
+            "model": self.fingerprint,
+            "provenance": self.provenance,
+        }
+        if isinstance(self.router, MLPRouter):
+            meta["router"]["hidden"] = self.router.hidden
+            state = {k: v.detach().float().contiguous() for k, v in self.router.state_dict().items()}
+            save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    def check_model(self, fingerprint: dict[str, Any], where: Path | str = "") -> None:
+        """ArtifactError unless this artifact was made for the model with `fingerprint`."""
+        diffs = [
+            f"{k}: artifact {self.fingerprint.get(k)!r}, model {v!r}"
+            for k, v in fingerprint.items()
+            if self.fingerprint.get(k) != v
+        ]
+        if diffs:
+            raise ArtifactError(
+                where or "(in memory)",
+                "made for another model (" + "; ".join(diffs) + ")",
+                "Use the artifact trained for this model, or train one with `ftp-vllm train`",
+            )
+
+
+def load_artifact(path: Path | str) -> RouterArtifact:
+    path = Path(path)
+    cfg_path = path / CONFIG_FILE if path.is_dir() else path
+    if path.is_file() and path.name != CONFIG_FILE:
+        raise ArtifactError(path, f"not a router artifact (expected a folder with {CONFIG_FILE})")
+    root = cfg_path.parent
+    if not cfg_path.exists():
+        raise ArtifactError(
+            cfg_path, "file not found", "Pass the folder made by `ftp-vllm train`"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(cfg_path, f"corrupt JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(cfg_path, f"not a {FORMAT} file (format={_get(meta, 'format')!r})")
+    if meta.get("version") != VERSION:
+        raise ArtifactError(
+            cfg_path,
+            f"unknown version {meta.get('version')!r} (this ftp-vllm reads version {VERSION})",
+            "Upgrade ftp-vllm or re-export the artifact",
+        )
+    try:
+        kind = meta["router"]["kind"]
+        fingerprint = dict(meta["model"])
+        schedules = {float(t): v for t, v in meta["schedules"].items()}
+        num_layers = int(fingerprint["num_hidden_layers"])
+        schedule = SparsitySchedule(schedules, num_layers)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(cfg_path, f"malformed contents ({type(e).__name__}: {e})") from None
+    if kind == "static":
+        router: TokenRouter = StaticRouter()
+    elif kind == "mlp":
+        weights = root / WEIGHTS_FILE
+        if not weights.exists():
+            raise ArtifactError(weights, "file not found (an MLP router needs its weights)")
+        try:
+            state = load_file(str(weights))
+            router = MLPRouter(hidden=int(meta["router"].get("hidden", 64)))
+            router.load_state_dict(state)
+        except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
+            raise ArtifactError(weights, f"corrupt or mismatched weights ({e})") from None
+        router.eval()
+    else:
+        raise ArtifactError(cfg_path, f"unknown router kind {kind!r} (expected 'mlp' or 'static')")
+    return RouterArtifact(
+        kind=kind, schedule=schedule, fingerprint=fingerprint, router=router,
+        provenance=dict(meta.get("provenance", {})),
+    )
+
+
+def _get(meta: Any, key: str) -> Any:
+    return meta.get(key) if isinstance(meta, dict) else None

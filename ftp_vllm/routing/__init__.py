@@ -1,0 +1,1 @@
+"""Router math shared by the reference forward and the vLLM layers."""

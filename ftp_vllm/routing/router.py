@@ -1,0 +1,129 @@
+"""Token routers: each turns one block's routing inputs into a keep mask over prompt tokens.
+
+One interface for every decision source (learned MLP, static, random, explicit masks, dense)
+so the reference forward and the vLLM layers never special-case where decisions come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ftp_vllm.routing.factors import NUM_FACTORS, router_factors
+from ftp_vllm.routing.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class RouterInputs:
+    """What a router sees at one block."""
+
+    layer: int
+    layout: TokenLayout
+    block_sparsity: Tensor  # [T] float: this block's sparsity target for each token's request
+    scores: Tensor | None = None  # [T] attention scores (factors.attention_scores)
+
+
+class TokenRouter:
+    """Base class: `keep` applies the rules every router obeys, `_keep` is the router's own."""
+
+    needs_scores = False
+
+    def keep(self, inputs: RouterInputs) -> Tensor:
+        """[T] bool keep mask. Tokens of requests whose block target is 0 are all kept, and
+        each prompt's first and last token are always kept (docs/ROUTER.md)."""
+        keep = self._keep(inputs)
+        return keep | inputs.layout.protected | (inputs.block_sparsity <= 0)
+
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        raise NotImplementedError
+
+
+class DenseRouter(TokenRouter):
+    """Keeps every token: routing off."""
+
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        return torch.ones_like(inputs.layout.positions, dtype=torch.bool)
+
+
+class StaticRouter(TokenRouter):
+    """FTP's training-free router: keep x0, then x_{n-1}, x_{n-2}, ... until the budget is met.
+
+    With block target s, a prompt of n tokens skips round(s * n) tokens (at most n - 2):
+    positions 1 .. m, the oldest tokens after the first.
+    """
+
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        layout = inputs.layout
+        n = layout.token_lengths
+        skip = torch.floor(inputs.block_sparsity.double() * n + 0.5).long()
+        skip = torch.minimum(skip, (n - 2).clamp(min=0))
+        return layout.positions > skip
+
+
+class RandomRouter(TokenRouter):
+    """Baseline: skips the static router's number of tokens, chosen uniformly at random."""
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        layout = inputs.layout
+        n = layout.token_lengths
+        skip = torch.floor(inputs.block_sparsity.double() * n + 0.5).long()
+        skip = torch.minimum(skip, (n - 2).clamp(min=0))
+        noise = torch.rand(layout.num_tokens, generator=self.generator).to(n.device)
+        noise = torch.where(layout.protected, torch.full_like(noise, 2.0), noise)
+        rank = _segment_rank_ascending(noise, layout)
+        return rank >= skip
+
+
+def _segment_rank_ascending(values: Tensor, layout: TokenLayout) -> Tensor:
+    order = torch.argsort(values, stable=True)
+    order = order[torch.argsort(layout.seq_ids[order], stable=True)]
+    rank = torch.empty_like(layout.positions)
+    rank[order] = torch.arange(layout.num_tokens, device=values.device)
+    return rank - layout.starts[layout.seq_ids]
+
+
+class MaskRouter(TokenRouter):
+    """Explicit decisions: masks[layer] is the keep mask of that block (tests, replays)."""
+
+    def __init__(self, masks: Tensor):
+        self.masks = masks.bool()
+
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        mask = self.masks[inputs.layer]
+        if mask.shape != inputs.layout.positions.shape:
+            raise ValueError(
+                f"mask for layer {inputs.layer} has shape {tuple(mask.shape)}, "
+                f"the batch has {inputs.layout.num_tokens} prompt tokens"
+            )
+        return mask.to(inputs.layout.positions.device)
+
+
+class MLPRouter(nn.Module, TokenRouter):
+    """FTP's learned router: one MLP shared by all blocks over the four factors.
+
+    Output 1 is 'compute', 0 is 'skip'; the decision is their argmax.
+    """
+
+    needs_scores = True
+
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.hidden = hidden
+        self.net = nn.Sequential(nn.Linear(NUM_FACTORS, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+
+    def logits(self, inputs: RouterInputs) -> Tensor:
+        """[T, 2] skip/compute logits (differentiable: training uses these)."""
+        if inputs.scores is None:
+            raise ValueError("the MLP router needs attention scores")
+        factors = router_factors(inputs.scores, inputs.layout, inputs.block_sparsity)
+        return self.net(factors.to(self.net[0].weight.dtype))
+
+    @torch.no_grad()
+    def _keep(self, inputs: RouterInputs) -> Tensor:
+        logits = self.logits(inputs)
+        return logits[:, 1] > logits[:, 0]
