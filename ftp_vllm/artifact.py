@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ftp_vllm.routing.router import MLPRouter, StaticRouter, TokenRouter
@@ -80,7 +80,9 @@ class RouterArtifact:
         }
         if isinstance(self.router, MLPRouter):
             meta["router"]["hidden"] = self.router.hidden
-            state = {k: v.detach().float().contiguous() for k, v in self.router.state_dict().items()}
+            state = {
+                k: v.detach().float().contiguous() for k, v in self.router.state_dict().items()
+            }
             save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
@@ -140,7 +142,7 @@ def load_artifact(path: Path | str) -> RouterArtifact:
             state = load_file(str(weights))
             router = MLPRouter(hidden=int(meta["router"].get("hidden", 64)))
             router.load_state_dict(state)
-        except (SafetensorsError, OSError, RuntimeError, ValueError) as e:
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise ArtifactError(weights, f"corrupt or mismatched weights ({e})") from None
         router.eval()
     else:

@@ -1,0 +1,62 @@
+"""FLOP model of a routed prefill: what a skipped token saves, and the ideal speedup.
+
+A kept token pays for its q/k/v projections, attention over its causal context, o_proj and
+the MLP. A skipped token still pays for its k/v projections (KV consistency) and nothing else.
+Norms, rotary embeddings and the router are ignored (well under 1% of the model's work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg) -> BlockShape:
+        heads = cfg.num_attention_heads
+        return cls(
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        )
+
+    @property
+    def kv_flops(self) -> int:
+        return 2 * self.hidden * 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def kept_fixed_flops(self) -> int:
+        """Per kept token, everything but attention over the context and the K/V projection."""
+        q = 2 * self.hidden * self.num_heads * self.head_dim
+        o = 2 * self.num_heads * self.head_dim * self.hidden
+        mlp = 3 * 2 * self.hidden * self.intermediate
+        return q + o + mlp
+
+    def attention_flops(self, context: Tensor) -> Tensor:
+        """QK^T and PV of one query over `context` keys."""
+        return 4 * context.double() * self.num_heads * self.head_dim
+
+
+def prefill_flops(shape: BlockShape, keep: Tensor, positions: Tensor) -> float:
+    """FLOPs of routed prefill for keep [L, T] (bool) and each token's position [T]."""
+    num_layers, num_tokens = keep.shape
+    kept = keep.double()
+    per_kept = shape.kept_fixed_flops + shape.attention_flops(positions + 1)  # [T]
+    return float(num_layers * num_tokens * shape.kv_flops + (kept * per_kept).sum())
+
+
+def ideal_speedup(shape: BlockShape, keep: Tensor, positions: Tensor) -> float:
+    """Dense prefill FLOPs over routed prefill FLOPs for the same tokens."""
+    dense = keep.new_ones(keep.shape)
+    return prefill_flops(shape, dense, positions) / prefill_flops(shape, keep, positions)
