@@ -1,0 +1,121 @@
+"""Genetic search of per-block sparsity under a mean-sparsity budget (FTP's scheduler).
+
+Fitness is measured on calibration ("tune") text only: how close the routed model's next-token
+distributions stay to the dense model's (negative KL), with a penalty when the router skips
+fewer pairs than the budget asks (so a schedule cannot win by under-spending).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ftp_vllm.losses import distillation_loss
+from ftp_vllm.reference import routed_forward, token_sparsity
+from ftp_vllm.routing.router import TokenRouter
+
+Fitness = Callable[[Tensor], float]
+
+
+@dataclass
+class SearchConfig:
+    population: int = 16
+    generations: int = 12
+    elite: int = 2
+    mutation: float = 0.06  # std of the Gaussian mutation of each block's sparsity
+    mutation_rate: float = 0.3  # fraction of blocks mutated per child
+    max_block: float = 0.9  # no block skips more than this
+    shortfall_penalty: float = 10.0
+    seed: int = 0
+
+
+def project_to_mean(v: Tensor, target: float, max_block: float) -> Tensor:
+    """Closest-by-shift vector with entries in [0, max_block] and mean exactly `target`."""
+    if not 0 <= target <= max_block:
+        raise ValueError(f"target {target} outside [0, {max_block}]")
+    v = v.double().clamp(0, max_block)
+    for _ in range(100):
+        gap = target - float(v.mean())
+        if abs(gap) < 1e-9:
+            break
+        free = (v < max_block) if gap > 0 else (v > 0)
+        if not bool(free.any()):
+            break
+        v = (v + gap * len(v) / int(free.sum()) * free).clamp(0, max_block)
+    return v
+
+
+def kl_fitness(
+    model: torch.nn.Module,
+    ids: Tensor,
+    lengths: list[int],
+    router: TokenRouter,
+    target: float,
+    penalty: float = 10.0,
+) -> Fitness:
+    """Fitness of a block schedule: -KL(dense || routed) - penalty * sparsity shortfall."""
+    with torch.no_grad():
+        teacher = routed_forward(model, ids, lengths).logits
+
+    @torch.no_grad()
+    def fitness(blocks: Tensor) -> float:
+        out = routed_forward(model, ids, lengths, router, blocks)
+        shortfall = max(0.0, target - token_sparsity(out.keep))
+        return -float(distillation_loss(out.logits, teacher)) - penalty * shortfall
+
+    return fitness
+
+
+def search_schedule(
+    fitness: Fitness,
+    num_layers: int,
+    target: float,
+    config: SearchConfig,
+    init: list[Tensor] | None = None,
+    progress: bool = True,
+) -> tuple[Tensor, list[float]]:
+    """Best per-block schedule with mean `target`, and the best fitness after each generation."""
+    rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    cache: dict[tuple, float] = {}
+
+    def score(v: Tensor) -> float:
+        key = tuple(round(float(x), 4) for x in v)
+        if key not in cache:
+            cache[key] = fitness(v)
+        return cache[key]
+
+    def fix(v: Tensor) -> Tensor:
+        return project_to_mean(v, target, config.max_block)
+
+    uniform = torch.full((num_layers,), float(target), dtype=torch.float64)
+    pop = [fix(v) for v in (init or [])] + [uniform]
+    depth = torch.linspace(0, 1, num_layers, dtype=torch.float64)
+    pop.append(fix(uniform * (1 - (2 * depth - 1) ** 4)))  # spare the first and last blocks
+    while len(pop) < config.population:
+        noise = torch.randn(num_layers, generator=gen, dtype=torch.float64) * 2 * config.mutation
+        pop.append(fix(uniform + noise))
+    pop = pop[: config.population]
+    history = []
+    bar = tqdm(range(config.generations), desc=f"schedule {target:.2f}", disable=not progress)
+    for _ in bar:
+        ranked = sorted(pop, key=score, reverse=True)
+        history.append(score(ranked[0]))
+        bar.set_postfix(best=f"{history[-1]:.4f}")
+        children = ranked[: config.elite]
+        while len(children) < config.population:
+            a, b = (max(rng.sample(ranked, 3), key=score) for _ in range(2))
+            w = torch.rand(num_layers, generator=gen, dtype=torch.float64)
+            child = w * a + (1 - w) * b
+            mask = torch.rand(num_layers, generator=gen) < config.mutation_rate
+            noise = torch.randn(num_layers, generator=gen, dtype=torch.float64) * config.mutation
+            children.append(fix(child + noise * mask))
+        pop = children
+    best = max(pop, key=score)
+    history.append(score(best))
+    return best, history
