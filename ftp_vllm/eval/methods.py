@@ -1,0 +1,142 @@
+"""The compared configurations: how each `--method` becomes a scorer.
+
+| method         | routing                          | per-block targets                   |
+|----------------|----------------------------------|-------------------------------------|
+| dense          | none                             | -                                   |
+| ftp            | trained MLP router (artifact)    | artifact's searched schedule        |
+| static         | static router                    | artifact's searched schedule        |
+| static-uniform | static router                    | S at every block                    |
+| random         | random router (static's count)   | S at every block                    |
+| shortgpt       | k = round(S*L) blocks removed by Block Influence, the rest dense       |
+
+`schedule` ("searched" or "uniform") overrides the default schedule of ftp/static/random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import ftp_vllm
+from ftp_vllm.eval.scoring import ReferenceScorer
+from ftp_vllm.routing.router import DenseRouter, RandomRouter, StaticRouter, TokenRouter
+from ftp_vllm.routing.schedule import SparsitySchedule
+
+METHODS = ("dense", "ftp", "static", "static-uniform", "random", "shortgpt")
+DEFAULT_SCHEDULE = {"ftp": "searched", "static": "searched", "static-uniform": "uniform",
+                    "random": "uniform"}
+ARTIFACT_NAME = "smollm2-135m-instruct"
+REPO_ROOT = Path(ftp_vllm.__file__).resolve().parent.parent
+
+
+def default_artifact() -> Path:
+    """The router artifact shipped in the package for the default model."""
+    return Path(ftp_vllm.__file__).resolve().parent / "artifacts" / ARTIFACT_NAME
+
+
+def display_path(path: Path | str) -> str:
+    """A path as it may appear in a results file: relative to the repository if inside it,
+    else just its last two parts (never this machine's absolute layout)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return "/".join(path.parts[-2:])
+
+
+@dataclass
+class MethodSetup:
+    scorer: ReferenceScorer
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def build_method(
+    method: str,
+    model: nn.Module,
+    sparsity: float,
+    *,
+    artifact: Path | str | None = None,
+    schedule: str | None = None,
+    seed: int = 0,
+    batch_tokens: int = 1536,
+    calibration: Callable[[], list[list[int]]] | None = None,
+    log: Callable[[str], None] = print,
+) -> MethodSetup:
+    """The scorer of one configuration at mean sparsity `sparsity`, and what to record about
+    it. `calibration` gives tokenised calibration passages (ShortGPT's Block Influence)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    num_layers = model.config.num_hidden_layers
+    info: dict[str, Any] = {"method": method, "sparsity_target": sparsity}
+    if method == "dense":
+        info["sparsity_target"] = 0.0
+        return MethodSetup(ReferenceScorer(model, DenseRouter(), batch_tokens=batch_tokens), info)
+    if method == "shortgpt":
+        from ftp_vllm.shortgpt import block_influence, plan, prune
+
+        if calibration is None:
+            raise ValueError("shortgpt needs calibration text for Block Influence")
+        sequences = calibration()
+        log(f"shortgpt: Block Influence over {len(sequences)} calibration passages "
+            f"({sum(map(len, sequences))} tokens)")
+        p = plan(block_influence(model, sequences), sparsity)
+        log(f"shortgpt: dropping blocks {p.dropped} (k={p.k} of {num_layers}, "
+            f"sparsity {p.sparsity:.3f})")
+        pruned = prune(model, p.dropped)
+        scorer = ReferenceScorer(pruned, DenseRouter(), batch_tokens=batch_tokens,
+                                 dense_num_layers=num_layers, name="reference")
+        info["shortgpt"] = {**p.to_dict(), "calibration_passages": len(sequences),
+                            "calibration_tokens": sum(map(len, sequences))}
+        return MethodSetup(scorer, info)
+
+    kind = schedule or DEFAULT_SCHEDULE[method]
+    if kind not in ("searched", "uniform"):
+        raise ValueError(f"schedule must be 'searched' or 'uniform', got {kind!r}")
+    if method == "static-uniform" and kind != "uniform":
+        raise ValueError("static-uniform always uses the uniform schedule (use --method static)")
+    art = None
+    if method == "ftp" or kind == "searched":
+        art = _load_artifact(artifact, model)
+        info["router_artifact"] = {
+            "path": display_path(artifact or default_artifact()),
+            "kind": art.kind,
+            "schedules": art.schedule.targets,
+            "provenance": art.provenance,
+        }
+    if kind == "searched":
+        blocks = art.schedule.blocks(sparsity)
+    else:
+        blocks = SparsitySchedule.uniform([sparsity], num_layers).blocks(sparsity) \
+            if sparsity > 0 else torch.zeros(num_layers, dtype=torch.float64)
+    router: TokenRouter
+    if method == "ftp":
+        if art.kind != "mlp":
+            raise ValueError(f"--method ftp needs a trained (mlp) router artifact; "
+                             f"{display_path(artifact or default_artifact())} holds a "
+                             f"{art.kind} router")
+        router = art.router
+    elif method in ("static", "static-uniform"):
+        router = StaticRouter()
+    else:
+        router = RandomRouter(seed)
+        info["seed"] = seed
+    info["schedule"] = kind
+    info["block_sparsity"] = [round(float(b), 6) for b in blocks]
+    scorer = ReferenceScorer(model, router, blocks, batch_tokens=batch_tokens)
+    return MethodSetup(scorer, info)
+
+
+def _load_artifact(path: Path | str | None, model: nn.Module):
+    from ftp_vllm.artifact import load_artifact, model_fingerprint
+
+    path = Path(path) if path is not None else default_artifact()
+    art = load_artifact(path)
+    art.check_model(model_fingerprint(model.config, model.model.norm.weight), path)
+    return art

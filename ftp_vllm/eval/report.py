@@ -1,0 +1,317 @@
+"""`ftp-vllm report`: docs/RESULTS.md and docs/retention.png from results/*.json.
+
+No number in RESULTS.md is typed by hand: every table is generated here from the results files
+(`ftp-vllm eval` writes them). RESULTS.md is regenerated section by section: each generated
+section sits between
+
+    <!-- BEGIN GENERATED: name -->
+    <!-- END GENERATED: name -->
+
+markers and is replaced on every run; text outside the markers is kept as written. A section
+is produced by a function in `SECTIONS` from all results files; other commands that write
+results (the vLLM engine's accuracy, prefill benchmarks) add their rows by writing results
+files with their own `kind` and registering a section generator with `register_section`.
+
+Accuracy rows: results of kind "eval". Rows are compared within a group (same task list,
+limit and seed); retention is the row's average headline accuracy over the dense row of the
+same group and scorer (else any dense row of the group). Headline metric per task: acc_norm
+where lm-evaluation-harness reports it as the main number (HellaSwag, ARC, PIQA, OpenBookQA,
+SciQ), acc elsewhere (WinoGrande, BoolQ, COPA, MMLU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HEADLINE = {"piqa": "acc_norm", "hellaswag": "acc_norm", "arc_easy": "acc_norm",
+            "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "sciq": "acc_norm"}
+METHOD_ORDER = ["dense", "ftp", "static", "static-uniform", "random", "shortgpt"]
+METHOD_LABEL = {"dense": "dense", "ftp": "FTP (trained router, searched schedule)",
+                "static": "static router, searched schedule",
+                "static-uniform": "static router, uniform schedule",
+                "random": "random routing", "shortgpt": "ShortGPT (layers dropped by BI)"}
+# FTP targets on SmolLM2 (issue 3): retention at sparsity.
+TARGETS = {0.22: 0.98, 0.3: 0.95, 0.4: 0.90}
+
+Section = Callable[[list[dict[str, Any]]], str]
+SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str) -> Callable[[Section], Section]:
+    """Decorator: `fn(results) -> markdown` fills the section `name` of RESULTS.md."""
+
+    def deco(fn: Section) -> Section:
+        SECTIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def headline(task: str) -> str:
+    return HEADLINE.get(task, "acc")
+
+
+def load_results(folder: Path) -> list[dict[str, Any]]:
+    """Every results file in `folder` (sorted by name), each with its file name under
+    `_file`. Files that are not JSON objects are skipped with a warning."""
+    out = []
+    for path in sorted(Path(folder).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"report: skipping {path.name}: {exc}")
+            continue
+        if isinstance(data, dict):
+            data["_file"] = path.name
+            out.append(data)
+    return out
+
+
+def average_headline(result: dict[str, Any], tasks: list[str]) -> float:
+    return sum(result["tasks"][t][headline(t)] for t in tasks) / len(tasks)
+
+
+def _group_key(r: dict[str, Any]) -> tuple:
+    return (tuple(r.get("task_list") or list(r["tasks"])), r.get("limit"), r.get("seed", 0))
+
+
+def _scorer(r: dict[str, Any]) -> str:
+    s = r.get("scorer")
+    return s.get("scorer", "reference") if isinstance(s, dict) else (s or "reference")
+
+
+def accuracy_rows(results: list[dict[str, Any]], scorers: set[str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Eval results with their group's dense baseline and retention, in table order."""
+    evals = [r for r in results if r.get("kind") == "eval"]
+    rows = []
+    for r in evals:
+        if scorers is not None and _scorer(r) not in scorers:
+            continue
+        key = _group_key(r)
+        tasks = list(key[0])
+        dense = [d for d in evals if d.get("method") == "dense" and _group_key(d) == key]
+        same = [d for d in dense if _scorer(d) == _scorer(r)]
+        base = (same or dense or [None])[0]
+        avg = average_headline(r, tasks)
+        base_avg = average_headline(base, tasks) if base is not None else None
+        rows.append({
+            "result": r, "tasks": tasks, "group": key, "avg": avg,
+            "retention": avg / base_avg if base_avg else None,
+            "baseline": base["_file"] if base is not None else None,
+        })
+
+    def order(row):
+        r = row["result"]
+        m = r.get("method", "")
+        return (row["group"][1] is None, row["group"][1] or 0, row["group"][0],
+                _scorer(r), METHOD_ORDER.index(m) if m in METHOD_ORDER else 99,
+                r.get("sparsity_target", 0.0), r.get("schedule") or "", r["_file"])
+
+    return sorted(rows, key=order)
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}"
+
+
+def _method_cell(r: dict[str, Any]) -> str:
+    m = r.get("method", "?")
+    label = m
+    default = {"ftp": "searched", "static": "searched", "random": "uniform"}
+    if m in default and r.get("schedule") and r["schedule"] != default[m]:
+        label += f" ({r['schedule']} schedule)"
+    return label
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown tables, one per group (task list, limit, seed)."""
+    if not rows:
+        return "_No results yet: run `ftp-vllm eval` (see above), then `ftp-vllm report`._\n"
+    out = []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["group"], []).append(row)
+    for (tasks, limit, seed), grp in groups.items():
+        n = {t: grp[0]["result"]["tasks"][t]["n"] for t in tasks}
+        out.append(f"**Tasks** {', '.join(tasks)}; "
+                   f"{'all items' if limit is None else f'{limit} items per task'}"
+                   f" (subset seed {seed}; items: "
+                   + ", ".join(f"{t} {n[t]}" for t in tasks) + ").\n")
+        head = ["method", "target S", "sparsity", "FLOPs"]
+        head += [f"{t} ({headline(t)})" for t in tasks]
+        head += ["avg", "retention", "LAMBADA ppl", "command"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
+        for row in grp:
+            r = row["result"]
+            lam = r.get("lambada") or {}
+            cells = [
+                _method_cell(r),
+                f"{r.get('sparsity_target', 0.0):.2f}",
+                f"{r.get('sparsity', 0.0):.3f}",
+                f"{r.get('flop_fraction', 1.0):.3f}",
+                *(_pct(r["tasks"][t][headline(t)]) for t in tasks),
+                _pct(row["avg"]),
+                _pct(row["retention"]),
+                f"{lam['perplexity']:.2f}" if lam.get("perplexity") else "-",
+                f"`{r.get('command', '')}`",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+@register_section("accuracy")
+def accuracy_section(results: list[dict[str, Any]]) -> str:
+    rows = accuracy_rows(results, scorers={"reference"})
+    return accuracy_table(rows)
+
+
+@register_section("vllm-accuracy")
+def vllm_accuracy_section(results: list[dict[str, Any]]) -> str:
+    rows = [r for r in accuracy_rows(results) if _scorer(r["result"]) != "reference"]
+    if not rows:
+        return ("_No vLLM-engine results yet. A scorer serving prompt logprobs through vLLM "
+                "(implementing `ftp_vllm.eval.scoring.Scorer`, `describe()['scorer']` not "
+                "\"reference\") writes results files of kind \"eval\"; their rows appear "
+                "here, with retention against a dense row of the same scorer when there is "
+                "one._\n")
+    return accuracy_table(rows)
+
+
+def plot_retention(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Retention vs measured sparsity per method, for the largest comparison group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in accuracy_rows(results, scorers={"reference"})
+            if r["retention"] is not None]
+    if not rows:
+        return None
+    counts: dict[tuple, int] = {}
+    for r in rows:
+        counts[r["group"]] = counts.get(r["group"], 0) + 1
+    group = max(counts, key=lambda g: (counts[g], g[1] is None, g[1] or 0))
+    rows = [r for r in rows if r["group"] == group]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    dense = [r for r in rows if r["result"].get("method") == "dense"]
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        m = r["result"].get("method", "?")
+        if m == "dense":
+            continue
+        label = _method_cell(r["result"])
+        by_method.setdefault(label, []).append((r["result"]["sparsity"], r["retention"]))
+    markers = "osD^vx*P"
+    for i, (label, pts) in enumerate(sorted(by_method.items(), key=lambda kv: (
+            METHOD_ORDER.index(kv[0].split()[0]) if kv[0].split()[0] in METHOD_ORDER else 99,
+            kv[0]))):
+        pts.sort()
+        base = label.split()[0]
+        xs = [0.0] + [p[0] for p in pts] if dense else [p[0] for p in pts]
+        ys = [1.0] + [p[1] for p in pts] if dense else [p[1] for p in pts]
+        ax.plot([100 * x for x in xs], [100 * y for y in ys], marker=markers[i % len(markers)],
+                label=METHOD_LABEL.get(base, label) if label == base else label)
+    tx = sorted(TARGETS)
+    ax.plot([100 * t for t in tx], [100 * TARGETS[t] for t in tx], "k--", lw=0.8, marker="_",
+            ms=14, label="FTP target (issue 3)")
+    ax.axhline(100, color="grey", lw=0.5)
+    tasks, limit, _ = group
+    ax.set_xlabel("measured token sparsity (% of prompt token x block pairs skipped)")
+    ax.set_ylabel("retention (% of dense average accuracy)")
+    ax.set_title(f"SmolLM2-135M-Instruct: {', '.join(tasks)}"
+                 f"{'' if limit is None else f' ({limit} items each)'}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+TEMPLATE = """# Results
+
+Everything below the headings is generated by `ftp-vllm report` from the results files in
+`results/` (written by `ftp-vllm eval`); do not edit the numbers by hand. Text outside the
+`GENERATED` markers is kept when the report is regenerated.
+
+## Accuracy and retention (reference routed forward)
+
+Zero-shot multiple-choice accuracy by log-likelihood, scored as lm-evaluation-harness scores
+it; each choice's context + continuation is one routed prompt. **sparsity** is the measured
+fraction of (prompt token, block) pairs skipped over all evaluated prompts; **FLOPs** is the
+routed prefill FLOP count over the dense one (a skipped token still pays for its K/V;
+ShortGPT's removed blocks pay nothing); **retention** is the average over the dense average of
+the same tasks, items and scorer; **LAMBADA ppl** is token perplexity on heldout calibration
+passages (routed the same way). Accuracies are in %.
+
+<!-- BEGIN GENERATED: accuracy -->
+<!-- END GENERATED: accuracy -->
+
+![retention vs sparsity](retention.png)
+
+## Accuracy through the vLLM engine
+
+<!-- BEGIN GENERATED: vllm-accuracy -->
+<!-- END GENERATED: vllm-accuracy -->
+
+## Prefill benchmarks
+
+<!-- Reserved for the benchmark command: register a section generator named "bench" in
+ftp_vllm/eval/report.py (results files of its own kind), or write this part by hand. -->
+"""
+
+_MARKER = re.compile(
+    r"(<!-- BEGIN GENERATED: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: "
+    r"(?P=name) -->)",
+    re.S,
+)
+
+
+def render(document: str, results: list[dict[str, Any]]) -> str:
+    """`document` with every registered section between its markers regenerated."""
+
+    def fill(m: re.Match) -> str:
+        fn = SECTIONS.get(m["name"])
+        if fn is None:
+            return m.group(0)
+        body = fn(results).rstrip("\n") + "\n"
+        return m.group(1) + body + m.group(4)
+
+    return _MARKER.sub(fill, document)
+
+
+def write_report(results_dir: Path, output: Path, plot: Path | None) -> tuple[Path, Path | None]:
+    results = load_results(results_dir)
+    document = output.read_text() if output.exists() else TEMPLATE
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render(document, results))
+    png = plot_retention(results, plot) if plot is not None else None
+    return output, png
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", help="regenerate docs/RESULTS.md and docs/retention.png from results/*.json"
+    )
+    p.add_argument("--results", type=Path, default=Path("results"),
+                   help="folder of results files (default results)")
+    p.add_argument("--output", type=Path, default=Path("docs/RESULTS.md"))
+    p.add_argument("--plot", type=Path, default=Path("docs/retention.png"))
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    out, png = write_report(args.results, args.output, args.plot)
+    n = len([r for r in load_results(args.results) if r.get("kind") == "eval"])
+    print(f"wrote {out} ({n} eval results)" + (f" and {png}" if png else " (no plot yet)"))
+    return 0
