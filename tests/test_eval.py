@@ -209,7 +209,8 @@ def test_stats_measure_sparsity_and_flops(model):
     assert scorer.stats.tokens == 40 and scorer.stats.token_blocks == 160
     assert scorer.stats.sparsity == pytest.approx(1 - out.keep.float().mean().item())
     assert scorer.stats.sparsity == pytest.approx(0.5)  # 20 of 40 skipped per block
-    want = prefill_flops(shape, out.keep, pos) / prefill_flops(shape, torch.ones(4, 40, dtype=bool), pos)
+    dense_keep = torch.ones(4, 40, dtype=torch.bool)
+    want = prefill_flops(shape, out.keep, pos) / prefill_flops(shape, dense_keep, pos)
     assert scorer.stats.flop_fraction == pytest.approx(want)
     assert 0.5 < scorer.stats.flop_fraction < 1.0  # skipped tokens still pay K/V
 

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 from ftp_vllm.eval.scoring import Request, Scorer, ScoreStats
 
-
 DEFAULT_CHUNK_TOKENS = 1536
 
 
