@@ -24,7 +24,7 @@ GateFn = Callable[[RouterInputs], Tensor]
 
 @dataclass
 class RoutedOutput:
-    logits: Tensor  # [T, V]
+    logits: Tensor  # [T, V], or [len(logits_at), V]
     keep: Tensor  # [L, T_routed] bool: block decisions for the routed (prompt) tokens
     layout: TokenLayout  # layout of the routed tokens
 
@@ -64,6 +64,7 @@ def routed_forward(
     block_sparsity: Tensor | None = None,
     routed_lengths: Sequence[int] | None = None,
     gate: GateFn | None = None,
+    logits_at: Tensor | None = None,
 ) -> RoutedOutput:
     """Forward of flattened sequences with per-token, per-block skip decisions.
 
@@ -71,6 +72,8 @@ def routed_forward(
     of each sequence are the prompt and get routed (the rest, e.g. generated tokens, run
     dense); defaults to all. block_sparsity: [L] or [R, L] per-block targets. gate: training
     only; soft gates g in [0, 1] per routed token replace the hard decision, h + g * delta.
+    logits_at: flattened indices of the tokens whose logits are wanted (default: all); the
+    LM head is a fifth of this model's work, so scoring a few positions saves much.
     """
     inner = model.model
     cfg = model.config
@@ -131,6 +134,8 @@ def routed_forward(
             keep_all = torch.ones(num_tokens, dtype=torch.bool, device=h.device)
             keep_all[routed_idx] = keep
             h = torch.where(keep_all[:, None], h_out, h)
+    if logits_at is not None:
+        h = h[logits_at]
     logits = model.lm_head(inner.norm(h))
     return RoutedOutput(logits=logits, keep=torch.stack(keeps), layout=layout)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ftp_vllm.losses import distillation_loss, guide_loss, guide_weight, sparsity_loss
+from ftp_vllm.training.losses import distillation_loss, guide_loss, guide_weight, sparsity_loss
 
 
 def test_guide_loss_is_cross_entropy_toward_static_decisions():

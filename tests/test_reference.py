@@ -116,3 +116,14 @@ def test_greedy_generation_routes_prompt_only(model):
     dense = greedy_generate(model, prompt, 6)
     hf = model.generate(prompt[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert hf[0, 14:].tolist() == dense.tokens
+
+
+@torch.no_grad()
+def test_logits_at_selects_positions(model):
+    ids = _ids(16)
+    sched = torch.full((4,), 0.4)
+    full = routed_forward(model, ids, router=StaticRouter(), block_sparsity=sched)
+    at = torch.tensor([3, 15])
+    part = routed_forward(model, ids, router=StaticRouter(), block_sparsity=sched, logits_at=at)
+    torch.testing.assert_close(part.logits, full.logits[at])
+    assert torch.equal(part.keep, full.keep)

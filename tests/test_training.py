@@ -5,13 +5,13 @@ import torch
 from ftp_vllm.reference import routed_forward, token_sparsity
 from ftp_vllm.routing.router import StaticRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
-from ftp_vllm.schedule_search import (
+from ftp_vllm.training.schedule_search import (
     SearchConfig,
     kl_fitness,
     project_to_mean,
     search_schedule,
 )
-from ftp_vllm.train import TrainConfig, train_router
+from ftp_vllm.training.trainer import TrainConfig, train_router
 from tests.tiny_models import tiny_model
 
 

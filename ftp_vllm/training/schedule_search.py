@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ftp_vllm.losses import distillation_loss
 from ftp_vllm.reference import routed_forward, token_sparsity
 from ftp_vllm.routing.router import TokenRouter
+from ftp_vllm.training.losses import distillation_loss
 
 Fitness = Callable[[Tensor], float]
 
@@ -57,14 +57,18 @@ def kl_fitness(
     router: TokenRouter,
     target: float,
     penalty: float = 10.0,
+    logits_at: Tensor | None = None,
 ) -> Fitness:
-    """Fitness of a block schedule: -KL(dense || routed) - penalty * sparsity shortfall."""
+    """Fitness of a block schedule: -KL(dense || routed) - penalty * sparsity shortfall.
+
+    KL is measured at `logits_at` (flattened token indices; default all tokens).
+    """
     with torch.no_grad():
-        teacher = routed_forward(model, ids, lengths).logits
+        teacher = routed_forward(model, ids, lengths, logits_at=logits_at).logits
 
     @torch.no_grad()
     def fitness(blocks: Tensor) -> float:
-        out = routed_forward(model, ids, lengths, router, blocks)
+        out = routed_forward(model, ids, lengths, router, blocks, logits_at=logits_at)
         shortfall = max(0.0, target - token_sparsity(out.keep))
         return -float(distillation_loss(out.logits, teacher)) - penalty * shortfall
 

@@ -1,0 +1,1 @@
+"""Offline pipeline: router training (three losses) and the genetic sparsity-schedule search."""

@@ -1,0 +1,184 @@
+"""`ftp-vllm schedule` and `ftp-vllm train`: the offline FTP pipeline.
+
+    1. ftp-vllm schedule --router static --output A_static   # GA with the static router
+    2. ftp-vllm train --schedule-from A_static --output A    # router, three losses
+    3. ftp-vllm schedule --router A --output A               # GA fine-tune with that router
+
+All text comes from the LAMBADA calibration splits ("train" for the router, "tune" for the
+search fitness); evaluation items are never seen here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_TARGETS = "0.22,0.3,0.4"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    sp = subparsers.add_parser(
+        "schedule",
+        help="genetic search of per-block sparsity (writes the schedules of a router artifact)",
+    )
+    sp.add_argument("--router", default="static",
+                    help="'static' or a router artifact folder to fine-tune the schedule for")
+    sp.add_argument("--output", required=True, help="artifact folder to write")
+    sp.add_argument("--targets", default=DEFAULT_TARGETS, help="mean sparsities to search")
+    sp.add_argument("--population", type=int, default=12)
+    sp.add_argument("--generations", type=int, default=10)
+    sp.add_argument("--num-seqs", type=int, default=4, help="tune-split sequences for fitness")
+    sp.add_argument("--seq-len", type=int, default=128)
+    _common(sp)
+    sp.set_defaults(func=_cmd_schedule)
+
+    tp = subparsers.add_parser("train", help="train the MLP router (model frozen, three losses)")
+    tp.add_argument("--schedule-from", default=None,
+                    help="artifact whose schedules to train against (default: uniform)")
+    tp.add_argument("--output", required=True, help="artifact folder to write")
+    tp.add_argument("--targets", default=DEFAULT_TARGETS,
+                    help="targets of the uniform schedule when --schedule-from is not given")
+    tp.add_argument("--steps", type=int, default=150)
+    tp.add_argument("--batch-size", type=int, default=2)
+    tp.add_argument("--lr", type=float, default=3e-3)
+    tp.add_argument("--num-seqs", type=int, default=256, help="train-split sequences")
+    tp.add_argument("--seq-len", type=int, default=128)
+    _common(tp)
+    tp.set_defaults(func=_cmd_train)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: prepared SmolLM2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+
+
+def _targets(text: str) -> list[float]:
+    try:
+        targets = sorted({float(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise ValueError(f"--targets must be comma-separated numbers, got {text!r}") from None
+    if not targets or not all(0 < t < 0.9 for t in targets):
+        raise ValueError(f"--targets must lie in (0, 0.9), got {text!r}")
+    return targets
+
+
+def _setup(args: argparse.Namespace):
+    from ftp_vllm.artifact import model_fingerprint
+    from ftp_vllm.model import ensure_model, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    path = ensure_model(args.model)
+    model, tokenizer = load_model(path)
+    return model, tokenizer, model_fingerprint(model.config, model.model.norm.weight), path
+
+
+def _provenance(args: argparse.Namespace, model_path: Path, **extra) -> dict:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent, check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "command": "ftp-vllm " + " ".join(sys.argv[1:]),
+        "git_commit": commit or None,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": Path(model_path).name,
+        **extra,
+    }
+
+
+def _cmd_schedule(args: argparse.Namespace) -> None:
+    from ftp_vllm.artifact import RouterArtifact, load_artifact
+    from ftp_vllm.data.calibration import calibration_sequences
+    from ftp_vllm.routing.router import StaticRouter
+    from ftp_vllm.routing.schedule import SparsitySchedule
+    from ftp_vllm.training.schedule_search import SearchConfig, kl_fitness, search_schedule
+    from ftp_vllm.training.trainer import sample_positions
+
+    targets = _targets(args.targets)
+    model, tokenizer, fingerprint, model_path = _setup(args)
+    num_layers = model.config.num_hidden_layers
+    if args.router == "static":
+        base = None
+        router, kind = StaticRouter(), "static"
+    else:
+        base = load_artifact(args.router)
+        base.check_model(fingerprint, args.router)
+        router, kind = base.router, base.kind
+    seqs = calibration_sequences(tokenizer, "tune", args.num_seqs, args.seq_len, args.seed)
+    ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
+    at = sample_positions(lengths, 32, random.Random(args.seed))
+    cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
+    found, history = {}, {}
+    start = time.perf_counter()
+    for target in targets:
+        init = [base.schedule.blocks(target)] if base and target <= base.schedule.max_target else []
+        fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at)
+        best, hist = search_schedule(fitness, num_layers, target, cfg, init=init)
+        found[target], history[f"{target:g}"] = best, [round(h, 5) for h in hist]
+        print(f"target {target:g}: fitness {hist[0]:.4f} -> {hist[-1]:.4f}", flush=True)
+    artifact = RouterArtifact(
+        kind=kind,
+        schedule=SparsitySchedule(found, num_layers),
+        fingerprint=fingerprint,
+        router=router,
+        provenance=_provenance(
+            args, model_path,
+            schedule_search={
+                "data": f"lambada tune split, {args.num_seqs} x {args.seq_len} tokens",
+                "fitness": "-KL(dense || routed) at 32 positions/seq - 10 x sparsity shortfall",
+                "config": vars(cfg), "best_fitness_per_generation": history,
+                "seconds": round(time.perf_counter() - start, 1),
+            },
+            **({"training": base.provenance.get("training")} if base else {}),
+        ),
+    )
+    print(f"wrote {artifact.save(args.output)}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from ftp_vllm.artifact import RouterArtifact, load_artifact
+    from ftp_vllm.data.calibration import calibration_sequences
+    from ftp_vllm.routing.schedule import SparsitySchedule
+    from ftp_vllm.training.trainer import TrainConfig, config_dict, train_router
+
+    model, tokenizer, fingerprint, model_path = _setup(args)
+    num_layers = model.config.num_hidden_layers
+    if args.schedule_from:
+        source = load_artifact(args.schedule_from)
+        source.check_model(fingerprint, args.schedule_from)
+        schedule, search = source.schedule, source.provenance.get("schedule_search")
+    else:
+        schedule, search = SparsitySchedule.uniform(_targets(args.targets), num_layers), None
+    seqs = calibration_sequences(tokenizer, "train", args.num_seqs, args.seq_len, args.seed)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    router, stats = train_router(model, seqs, schedule, cfg)
+    print(f"trained in {stats.seconds:.0f} s: {stats.summary()}")
+    artifact = RouterArtifact(
+        kind="mlp",
+        schedule=schedule,
+        fingerprint=fingerprint,
+        router=router,
+        provenance=_provenance(
+            args, model_path,
+            training={
+                "data": f"lambada train split, {args.num_seqs} x {args.seq_len} tokens",
+                "config": config_dict(cfg), "final": stats.summary(),
+                "seconds": round(stats.seconds, 1),
+            },
+            schedule_search=search,
+        ),
+    )
+    print(f"wrote {artifact.save(args.output)}")
