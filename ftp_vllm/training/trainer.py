@@ -18,6 +18,7 @@ from ftp_vllm.reference import routed_forward
 from ftp_vllm.routing.router import MLPRouter, RouterInputs, StaticRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 from ftp_vllm.training.losses import distillation_loss, guide_loss, guide_weight, sparsity_loss
+from ftp_vllm.training.schedule_search import project_to_mean
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainConfig:
     min_target: float = 0.1  # per-sequence mean targets are drawn from [min, schedule max]
     guide_decay: float = 0.5  # fraction of training over which the guide weight goes 1 -> 0
     hidden: int = 64
+    block_jitter: float = 0.15  # std of noise on per-block targets: covers searched schedules
     distill_positions: int = 48  # per sequence: KL on a random subset (the LM head is costly)
     seed: int = 0
 
@@ -95,6 +97,7 @@ def train_router(
         p.requires_grad_(False)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
     router = router or MLPRouter(hidden=config.hidden)
     router.train()
     opt = torch.optim.Adam(router.parameters(), lr=config.lr)
@@ -107,7 +110,7 @@ def train_router(
         ids = torch.cat(batch)
         lengths = [len(s) for s in batch]
         means = [rng.uniform(config.min_target, schedule.max_target) for _ in batch]
-        blocks = torch.stack([schedule.blocks(m) for m in means])
+        blocks = torch.stack([_jittered(schedule.blocks(m), m, config, gen) for m in means])
         at = sample_positions(lengths, config.distill_positions, rng)
         with torch.no_grad():
             teacher = routed_forward(model, ids, lengths, logits_at=at).logits
@@ -137,6 +140,14 @@ def train_router(
     stats.seconds = time.perf_counter() - start
     router.eval()
     return router, stats
+
+
+def _jittered(blocks: Tensor, mean: float, config: TrainConfig, gen: torch.Generator) -> Tensor:
+    """Per-block targets with noise, same mean: the router must serve any searched schedule."""
+    if config.block_jitter <= 0:
+        return blocks
+    noise = torch.randn(blocks.shape, generator=gen, dtype=blocks.dtype) * config.block_jitter
+    return project_to_mean(blocks + noise, mean, 0.9)
 
 
 def config_dict(config: TrainConfig) -> dict:
