@@ -1,0 +1,131 @@
+"""Engine-config hook for routed architectures (runs in the front end, at config time).
+
+vLLM calls ``verify_and_update_config`` for architectures listed in MODELS_CONFIG_MAP while
+it builds the VllmConfig, before the platform hook and before any worker starts. Here the
+plugin checks the routing options (a bad artifact or sparsity fails engine creation with the
+reason) and switches off what routed prefill cannot serve consistently, saying why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ftp_vllm.artifact import ArtifactError, RouterArtifact, load_artifact
+from ftp_vllm.plugin import ROUTER_KEY, SPARSITY_KEY
+
+# A child of vLLM's logger, so messages go where vLLM's own go.
+logger = logging.getLogger("vllm.ftp_vllm")
+
+SHAPE_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "vocab_size",
+)
+WORKER_EXTENSION = "ftp_vllm.plugin.stats.FTPWorkerExtension"
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    artifact_path: Path
+    sparsity: float  # default mean sparsity for requests that do not ask for their own
+    artifact: RouterArtifact
+
+
+def routing_settings(hf_config: Any) -> RoutingSettings:
+    """Read and check the routing options of a routed model's (overridden) HF config."""
+    path = getattr(hf_config, ROUTER_KEY, None)
+    if not path:
+        raise ValueError(
+            f"routed architecture {getattr(hf_config, 'architectures', None)} needs "
+            f"hf_overrides['{ROUTER_KEY}'] (the router artifact folder); to serve the model "
+            "without routing, drop the overrides (use its vanilla architecture)"
+        )
+    artifact = load_artifact(path)
+    shape = {k: _cfg_get(hf_config, k) for k in SHAPE_KEYS}
+    if shape["num_key_value_heads"] is None:
+        shape["num_key_value_heads"] = shape["num_attention_heads"]
+    diffs = [
+        f"{k}: artifact {artifact.fingerprint.get(k)!r}, model {v!r}"
+        for k, v in shape.items()
+        if artifact.fingerprint.get(k) != v
+    ]
+    if diffs:
+        raise ArtifactError(
+            path,
+            "made for another model (" + "; ".join(diffs) + ")",
+            "Use the artifact trained for this model",
+        )
+    raw = getattr(hf_config, SPARSITY_KEY, 0.0)
+    try:
+        sparsity = artifact.schedule.validate(raw)
+    except ValueError as e:
+        raise ValueError(f"hf_overrides['{SPARSITY_KEY}']: {e}") from None
+    return RoutingSettings(Path(path), sparsity, artifact)
+
+
+def _cfg_get(cfg: Any, key: str) -> Any:
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    return getattr(cfg, key, None)
+
+
+class FTPRoutingConfig:
+    """MODELS_CONFIG_MAP entry for the routed architectures (vLLM's VerifyAndUpdateConfig)."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        model_config = vllm_config.model_config
+        settings = routing_settings(model_config.hf_config)
+        logger.info(
+            "FTP routing on: router %s (%s), default sparsity %.3g, artifact tuned up to %.3g",
+            settings.artifact_path, settings.artifact.kind, settings.sparsity,
+            settings.artifact.schedule.max_target,
+        )
+        sched = vllm_config.scheduler_config
+        cache = vllm_config.cache_config
+        if sched.enable_chunked_prefill:
+            logger.warning(
+                "FTP routing: chunked prefill switched off. Routing decisions depend on the "
+                "whole prompt (its last token's query, score ranks, length-normalised "
+                "positions), so a chunk cannot be routed as the full prompt would be."
+            )
+            sched.enable_chunked_prefill = False
+        if sched.max_num_batched_tokens < model_config.max_model_len:
+            logger.warning(
+                "FTP routing: max_num_batched_tokens raised from %d to max_model_len=%d so "
+                "that any prompt fits one step without chunking.",
+                sched.max_num_batched_tokens, model_config.max_model_len,
+            )
+            sched.max_num_batched_tokens = model_config.max_model_len
+        if cache.enable_prefix_caching:
+            logger.warning(
+                "FTP routing: prefix caching switched off. A cached prefix holds K/V computed "
+                "under another prompt's routing decisions, which differ from this prompt's."
+            )
+            cache.enable_prefix_caching = False
+        if not model_config.enforce_eager:
+            logger.warning(
+                "FTP routing: the routed model runs eager (enforce_eager=True). Routed "
+                "blocks gather a data-dependent number of tokens per layer, which vLLM's "
+                "trace-once torch.compile cannot specialise; vanilla models keep compiling."
+            )
+            model_config.enforce_eager = True
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("FTP routing does not support pipeline parallelism yet")
+        if str(cache.cache_dtype).startswith("fp8"):
+            raise ValueError("FTP routing does not support a quantized KV cache yet")
+        pc = vllm_config.parallel_config
+        if not pc.worker_extension_cls:
+            pc.worker_extension_cls = WORKER_EXTENSION
+        elif pc.worker_extension_cls != WORKER_EXTENSION:
+            logger.warning(
+                "FTP routing: worker_extension_cls=%s is set, so collective_rpc('%s') is "
+                "unavailable; read stats with collective_rpc(ftp_vllm.plugin.stats.read_stats)",
+                pc.worker_extension_cls, "ftp_routing_stats",
+            )

@@ -1,0 +1,208 @@
+"""Routed Llama and Qwen2 models for vLLM: vLLM's own classes with a routed decoder layer.
+
+A routed layer, on a step with prompts to route:
+  input norm + q/k/v + RoPE for every token -> K/V of every token written to the paged cache
+  -> router decisions for prompt tokens (shared routing code, factors from q/k of this layer)
+  -> attention with the kept tokens' queries over all keys (subset metadata from the
+     backend's own builder) -> o_proj, post-attention norm and MLP for kept tokens only
+  -> scatter back: skipped rows return (0, residual), so vLLM's next fused add passes their
+     hidden state through bit-exactly.
+Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
+
+from ftp_vllm.artifact import model_fingerprint
+from ftp_vllm.flops import BlockShape
+from ftp_vllm.plugin.config import routing_settings
+from ftp_vllm.plugin.runtime import RoutingRuntime, get_runtime, install
+
+FINAL_NORM = "model.norm.weight"
+
+
+class RoutedLayerMixin:
+    """Routed forward for Llama-style decoder layers (input_layernorm, self_attn with fused
+    qkv_proj/rotary_emb/attn/o_proj, post_attention_layernorm, mlp)."""
+
+    ftp_layer: int
+    ftp_last: bool
+
+    def _ftp_init(self, prefix: str, num_layers: int) -> None:
+        self.ftp_layer = extract_layer_index(prefix)
+        self.ftp_last = self.ftp_layer == num_layers - 1
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        rt = get_runtime()
+        plan = rt.plan(hidden_states.shape[0]) if rt is not None else None
+        if plan is None:
+            return super().forward(positions, hidden_states, residual, **kwargs)
+        try:
+            return self._routed_forward(rt, plan, positions, hidden_states, residual)
+        finally:
+            if self.ftp_last:
+                rt.finish_step(plan)
+
+    def _qkv(self, positions, hidden_states):
+        sa = self.self_attn
+        qkv, _ = sa.qkv_proj(hidden_states)
+        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
+        if getattr(sa, "qk_norm", False):
+            n = q.shape[0]
+            q = sa.q_norm(q.view(n, sa.num_heads, sa.head_dim)).view(n, sa.q_size)
+            k = sa.k_norm(k.view(n, sa.num_kv_heads, sa.head_dim)).view(n, sa.kv_size)
+        q, k = sa.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def _routed_forward(self, rt, plan, positions, hidden_states, residual):
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        sa = self.self_attn
+        attn = sa.attn
+        q, k, v = self._qkv(positions, hidden_states)
+        route = rt.route(
+            plan, self.ftp_layer, q, k, attn.num_heads, attn.num_kv_heads, attn.head_size,
+            sa.scaling,
+        )
+        if route is None:  # every token runs this block: vLLM's own path
+            attn_out = attn(q, k, v)
+            out, _ = sa.o_proj(attn_out)
+            hidden_states, residual = self.post_attention_layernorm(out, residual)
+            return self.mlp(hidden_states), residual
+
+        num_tokens = q.shape[0]
+        key = k.view(num_tokens, attn.num_kv_heads, attn.head_size)
+        value = v.view(num_tokens, attn.num_kv_heads, attn.head_size_v)
+        unified_kv_cache_update(key, value, attn.layer_name)  # K/V of every token
+        idx = route.kept_idx
+        num_kept = idx.numel()
+        query = q.view(num_tokens, attn.num_heads, attn.head_size).index_select(0, idx)
+        attn_out = torch.empty(
+            (num_kept, attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device
+        )
+        attn.impl.forward(
+            attn, query, key.index_select(0, idx), value.index_select(0, idx),
+            attn.kv_cache, route.metadata, output=attn_out,
+        )
+        out, _ = sa.o_proj(attn_out.view(num_kept, -1))
+        h, res_kept = self.post_attention_layernorm(out, residual.index_select(0, idx))
+        h = self.mlp(h)
+        hidden_out = torch.zeros_like(residual).index_copy_(0, idx, h)
+        residual = residual.index_copy(0, idx, res_kept)
+        return hidden_out, residual
+
+
+class FTPLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None, **kwargs):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config, **kwargs)
+        cfg = config or vllm_config.model_config.hf_config
+        self._ftp_init(prefix, cfg.num_hidden_layers)
+
+
+class FTPQwen2DecoderLayer(RoutedLayerMixin, Qwen2DecoderLayer):
+    def __init__(self, config, cache_config=None, quant_config=None, prefix: str = ""):
+        super().__init__(
+            config=config, cache_config=cache_config, quant_config=quant_config, prefix=prefix
+        )
+        self._ftp_init(prefix, config.num_hidden_layers)
+
+
+class RoutedModelMixin:
+    """Artifact loading, fingerprint check and runtime set-up shared by the routed models."""
+
+    def _ftp_setup(self, vllm_config: VllmConfig) -> None:
+        hf_config = vllm_config.model_config.hf_config
+        self.ftp_settings = settings = routing_settings(hf_config)
+        cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        layers = [m for m in self.model.layers if not isinstance(m, PPMissingLayer)]
+        backend = layers[0].self_attn.attn.attn_backend
+        if getattr(backend, "forward_includes_kv_cache_update", False):
+            raise NotImplementedError(
+                f"FTP routing needs an attention backend that writes K/V apart from its "
+                f"forward; {backend.get_name()} does not"
+            )
+        device = next(self.parameters()).device
+        router = settings.artifact.router
+        if isinstance(router, nn.Module):
+            router.to(device)
+        runtime = RoutingRuntime(
+            router=router,
+            schedule=settings.artifact.schedule,
+            default_sparsity=settings.sparsity,
+            num_layers=cfg.num_hidden_layers,
+            shape=BlockShape.from_config(cfg),
+            vllm_config=vllm_config,
+            tp_size=get_tensor_model_parallel_world_size(),
+        )
+        install(runtime, backend.get_builder_cls())
+
+    def _ftp_watch_norm(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Pass weights through, keeping the checkpoint's final norm for the fingerprint."""
+        for name, tensor in weights:
+            if name == FINAL_NORM:
+                self._ftp_norm = tensor.detach().clone()
+            yield name, tensor
+
+    def _ftp_check_artifact(self) -> None:
+        """After weights load: the artifact must belong to these exact weights."""
+        norm = getattr(self, "_ftp_norm", None)
+        if norm is None:
+            norm = self.model.norm.weight
+        fp = model_fingerprint(self.config, norm)
+        self.ftp_settings.artifact.check_model(fp, where=self.ftp_settings.artifact_path)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        loaded = super().load_weights(self._ftp_watch_norm(weights))
+        self._ftp_check_artifact()
+        return loaded
+
+
+class FTPLlamaForCausalLM(RoutedModelMixin, LlamaForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", **kwargs):
+        kwargs.setdefault("layer_type", FTPLlamaDecoderLayer)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        self._ftp_setup(vllm_config)
+
+
+class FTPQwen2ForCausalLM(RoutedModelMixin, Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        # Qwen2ForCausalLM.__init__ with the routed decoder layer (it takes no layer type).
+        nn.Module.__init__(self)
+        config = vllm_config.model_config.hf_config.get_text_config()
+        quant_config = vllm_config.quant_config
+        self.config = config
+        self.quant_config = quant_config
+        self.model = Qwen2Model(
+            vllm_config=vllm_config,
+            prefix=maybe_prefix(prefix, "model"),
+            decoder_layer_type=FTPQwen2DecoderLayer,
+        )
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        self._ftp_setup(vllm_config)

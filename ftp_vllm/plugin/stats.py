@@ -1,0 +1,150 @@
+"""Routing statistics, accumulated in the worker and read through ``collective_rpc``.
+
+Counts are kept on the host: the subset attention metadata needs each layer's keep mask on
+the host anyway, so statistics add no device sync. Totals are monotonic counters (ready for
+Prometheus counters); per-request records (sparsity, FLOP-model speedup) queue up until a
+reader drains them (histograms). Every tensor-parallel rank holds the same numbers: read rank 0.
+
+    llm.collective_rpc("ftp_routing_stats")            # -> [dict per rank]
+    llm.collective_rpc("ftp_routing_stats", kwargs={"drain_requests": True})
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from ftp_vllm.flops import BlockShape
+
+MAX_REQUEST_RECORDS = 10_000
+
+
+class RoutingStats:
+    def __init__(self, num_layers: int, shape: BlockShape):
+        self.num_layers = num_layers
+        self.shape = shape
+        self.record_masks = False
+        self.masks: dict[str, np.ndarray] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0  # forward steps seen (with attention metadata)
+        self.routed_steps = 0  # steps with at least one routed prompt
+        self.routed_requests = 0
+        self.routed_tokens = 0  # prompt tokens that went through the router
+        self.kept = np.zeros(self.num_layers, dtype=np.int64)  # per layer
+        self.skipped = np.zeros(self.num_layers, dtype=np.int64)  # per layer
+        self.dense_flops = 0.0  # FLOP model, routed prompts as if dense
+        self.routed_flops = 0.0  # FLOP model, as routed
+        self.metadata_builds = 0
+        self.requests: deque[dict[str, Any]] = deque(maxlen=MAX_REQUEST_RECORDS)
+
+    def record_step(self, plan: Any) -> None:
+        keeps = plan.keeps  # [L, Tr] bool
+        layout = plan.layout
+        pos = layout.positions.cpu().numpy().astype(np.float64)
+        shape = self.shape
+        per_kept = shape.kept_fixed_flops + 4.0 * (pos + 1) * shape.num_heads * shape.head_dim
+        kv = float(shape.kv_flops)
+        num_layers = keeps.shape[0]
+        starts = layout.starts.cpu().numpy()
+        lengths = layout.lengths.cpu().numpy()
+        kept_cost = (keeps * per_kept).sum(0)  # [Tr] summed over layers
+        kept_count = keeps.sum(0)
+        routed_req = np.add.reduceat(kept_cost, starts) + num_layers * kv * lengths
+        dense_req = np.add.reduceat(per_kept, starts) * num_layers + num_layers * kv * lengths
+        kept_req = np.add.reduceat(kept_count, starts)
+
+        self.routed_steps += 1
+        self.routed_requests += len(lengths)
+        self.routed_tokens += int(lengths.sum())
+        k = keeps.sum(1)
+        self.kept += k
+        self.skipped += keeps.shape[1] - k
+        self.dense_flops += float(dense_req.sum())
+        self.routed_flops += float(routed_req.sum())
+        self.metadata_builds += plan.builds
+        for i, r in enumerate(plan.routed_req):
+            rid = plan.req_ids[r] if plan.req_ids is not None else None
+            pairs = int(lengths[i]) * num_layers
+            self.requests.append(
+                {
+                    "request_id": rid,
+                    "prompt_tokens": int(lengths[i]),
+                    "target_sparsity": float(plan.routed_target[i]),
+                    "token_sparsity": 1.0 - float(kept_req[i]) / pairs,
+                    "flop_speedup": float(dense_req[i] / routed_req[i]),
+                }
+            )
+            if self.record_masks and rid is not None:
+                s = int(starts[i])
+                self.masks[rid] = keeps[:, s : s + int(lengths[i])].copy()
+
+    def snapshot(self, drain_requests: bool = False) -> dict[str, Any]:
+        out = {
+            "steps": self.steps,
+            "routed_steps": self.routed_steps,
+            "routed_requests": self.routed_requests,
+            "routed_tokens": self.routed_tokens,
+            "kept_per_layer": self.kept.tolist(),
+            "skipped_per_layer": self.skipped.tolist(),
+            "token_block_pairs": int(self.kept.sum() + self.skipped.sum()),
+            "skipped_pairs": int(self.skipped.sum()),
+            "dense_flops": self.dense_flops,
+            "routed_flops": self.routed_flops,
+            "flop_speedup": self.dense_flops / self.routed_flops if self.routed_flops else 1.0,
+            "metadata_builds": self.metadata_builds,
+        }
+        if drain_requests:
+            out["requests"] = list(self.requests)
+            self.requests.clear()
+        return out
+
+
+def _stats() -> RoutingStats | None:
+    from ftp_vllm.plugin.runtime import get_runtime
+
+    rt = get_runtime()
+    return None if rt is None else rt.stats
+
+
+def read_stats(worker: Any = None, reset: bool = False, drain_requests: bool = False):
+    """The worker's routing statistics (None when the model is not routed).
+
+    Usable as ``collective_rpc(read_stats)`` (callables need vLLM's insecure serialization)
+    or through the worker extension method ``ftp_routing_stats``.
+    """
+    stats = _stats()
+    if stats is None:
+        return None
+    out = stats.snapshot(drain_requests=drain_requests)
+    if reset:
+        stats.reset()
+    return out
+
+
+class FTPWorkerExtension:
+    """Methods the plugin adds to vLLM workers of routed models (``worker_extension_cls``)."""
+
+    def ftp_routing_stats(self, reset: bool = False, drain_requests: bool = False):
+        return read_stats(self, reset=reset, drain_requests=drain_requests)
+
+    def ftp_record_masks(self, on: bool = True) -> bool:
+        """Tests: keep each routed request's [L, n_prompt] keep mask, by request id."""
+        stats = _stats()
+        if stats is None:
+            return False
+        stats.record_masks = on
+        if not on:
+            stats.masks.clear()
+        return True
+
+    def ftp_pop_masks(self) -> dict[str, list[list[bool]]]:
+        stats = _stats()
+        if stats is None:
+            return {}
+        masks = {k: v.tolist() for k, v in stats.masks.items()}
+        stats.masks.clear()
+        return masks
