@@ -67,11 +67,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="user message (chat template)")
     demo.add_argument("--sparsity", type=float, default=0.3,
                       help="mean token sparsity over blocks (default 0.3)")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--dense-edge", type=int, default=3,
+                      help="first and last blocks kept dense (default 3)")
     demo.add_argument("--model", default=None, help="model folder (default: prepared SmolLM2)")
     demo.add_argument("--no-dense", action="store_true",
                       help="skip the dense generation printed for comparison")
     demo.set_defaults(func=_cmd_demo)
+
+
+def edge_dense_schedule(sparsity: float, num_layers: int, dense_edge: int = 3):
+    """[num_layers] float64 block targets with mean `sparsity`: the first and last
+    `dense_edge` blocks at 0, the middle blocks sharing the budget evenly."""
+    import torch
+
+    middle = num_layers - 2 * dense_edge
+    if middle <= 0 or dense_edge < 0:
+        raise SystemExit(f"ftp-vllm demo: --dense-edge {dense_edge} leaves no block to route "
+                         f"in a {num_layers}-block model")
+    per_block = sparsity * num_layers / middle
+    if per_block >= 1.0:
+        raise SystemExit(f"ftp-vllm demo: sparsity {sparsity} cannot be reached with "
+                         f"{2 * dense_edge} dense blocks (the middle ones would need "
+                         f"{per_block:.2f})")
+    blocks = torch.zeros(num_layers, dtype=torch.float64)
+    blocks[dense_edge : num_layers - dense_edge] = per_block
+    return blocks
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -80,7 +101,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from ftp_vllm.model import chat_prompt_ids, ensure_model, load_model
     from ftp_vllm.reference import greedy_generate
     from ftp_vllm.routing.router import DenseRouter, StaticRouter
-    from ftp_vllm.routing.schedule import SparsitySchedule
 
     if not 0.0 <= args.sparsity < 1.0:
         raise SystemExit(f"ftp-vllm demo: --sparsity must lie in [0, 1), got {args.sparsity}")
@@ -90,17 +110,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     prompt_ids = chat_prompt_ids(tokenizer, args.prompt)
     num_layers = model.config.num_hidden_layers
-    # No trained router ships yet: the static router (FTP's training-free one) under a
-    # uniform schedule.
-    blocks = SparsitySchedule.uniform([args.sparsity], num_layers).blocks(args.sparsity)
+    # No trained router ships yet: FTP's training-free static router, with the first and last
+    # blocks dense (FTP.md: only ~40% of tokens pass them nearly unchanged) and the budget
+    # spread evenly over the middle blocks.
+    blocks = edge_dense_schedule(args.sparsity, num_layers, args.dense_edge)
     eos = tokenizer.eos_token_id
     print(f"prompt ({prompt_ids.numel()} tokens): {args.prompt!r}")
 
-    runs = [("routed", StaticRouter(), blocks)]
+    runs = [("routed", "static router", StaticRouter(), blocks)]
     if not args.no_dense:
-        runs.insert(0, ("dense", DenseRouter(), torch.zeros(num_layers, dtype=torch.float64)))
+        runs.insert(0, ("dense", "no routing", DenseRouter(),
+                        torch.zeros(num_layers, dtype=torch.float64)))
     outputs = {}
-    for label, router, sched in runs:
+    for label, how, router, sched in runs:
         t0 = time.perf_counter()
         result = greedy_generate(model, prompt_ids, args.max_new_tokens, router, sched,
                                  eos_token_id=eos)
@@ -111,7 +133,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
         outputs[label] = result.tokens
         target = float(sched.mean())
-        print(f"\n== {label} (static router, target sparsity {target:.2f}) "
+        print(f"\n== {label} ({how}, target sparsity {target:.2f}) "
               f"{len(result.tokens)} tokens in {elapsed:.1f} s")
         print(text.strip())
         print(f"measured token sparsity: {sparsity:.3f} "
