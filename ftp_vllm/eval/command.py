@@ -47,9 +47,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="LAMBADA heldout passages for perplexity (0 = skip; default 32)")
     p.add_argument("--calibration-passages", type=int, default=64,
                    help="LAMBADA tune passages for ShortGPT's Block Influence (default 64)")
-    p.add_argument("--batch-tokens", type=int, default=1536,
-                   help="prompt tokens flattened into one forward (default 1536)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--batch-tokens", type=int, default=512,
+                   help="prompt tokens flattened into one forward (default 512: the "
+                   "flattened attention mask costs O(tokens^2))")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads (default 2; on a machine busy with other jobs 1 is "
+                   "often faster)")
     p.add_argument("--model", type=Path, default=None,
                    help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--output", type=Path, default=None,

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from ftp_vllm.eval.scoring import Request, Scorer, ScoreStats
 
-DEFAULT_CHUNK_TOKENS = 1536
+DEFAULT_CHUNK_TOKENS = 512
 
 
 class TextEncoder(Protocol):

@@ -63,7 +63,7 @@ def build_method(
     artifact: Path | str | None = None,
     schedule: str | None = None,
     seed: int = 0,
-    batch_tokens: int = 1536,
+    batch_tokens: int = 512,
     calibration: Callable[[], list[list[int]]] | None = None,
     log: Callable[[str], None] = print,
 ) -> MethodSetup:

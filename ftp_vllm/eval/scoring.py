@@ -31,7 +31,7 @@ from ftp_vllm.routing.router import DenseRouter, TokenRouter
 
 Request = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
-DEFAULT_BATCH_TOKENS = 1536
+DEFAULT_BATCH_TOKENS = 512
 DEFAULT_MAX_LENGTH = 2048
 
 
