@@ -8,16 +8,17 @@ reason) and switches off what routed prefill cannot serve consistently, saying w
 
 from __future__ import annotations
 
-import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm.logger import init_logger
+
 from ftp_vllm.artifact import ArtifactError, RouterArtifact, load_artifact
 from ftp_vllm.plugin import ROUTER_KEY, SPARSITY_KEY
 
-# A child of vLLM's logger, so messages go where vLLM's own go.
-logger = logging.getLogger("vllm.ftp_vllm")
+logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
 SHAPE_KEYS = (
     "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
@@ -71,6 +72,19 @@ def _cfg_get(cfg: Any, key: str) -> Any:
     return getattr(cfg, key, None)
 
 
+def _use_v1_model_runner() -> None:
+    """The per-request hook wraps the V1 model runner (the only one on CPU; GPU images with
+    Triton default to V2): pin V1 before workers start. Workers inherit the environment."""
+    value = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if value is not None and value.strip().lower() in ("1", "true"):
+        raise ValueError(
+            "FTP routing needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+    if value is None:
+        logger.info("FTP routing: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
 class FTPRoutingConfig:
     """MODELS_CONFIG_MAP entry for the routed architectures (vLLM's VerifyAndUpdateConfig)."""
 
@@ -120,6 +134,7 @@ class FTPRoutingConfig:
             raise ValueError("FTP routing does not support pipeline parallelism yet")
         if str(cache.cache_dtype).startswith("fp8"):
             raise ValueError("FTP routing does not support a quantized KV cache yet")
+        _use_v1_model_runner()
         pc = vllm_config.parallel_config
         if not pc.worker_extension_cls:
             pc.worker_extension_cls = WORKER_EXTENSION

@@ -17,13 +17,13 @@ Two small hooks feed it, both installed only when a routed model is constructed:
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from vllm.logger import init_logger
 
 from ftp_vllm.flops import BlockShape
 from ftp_vllm.plugin import SPARSITY_KEY
@@ -32,7 +32,7 @@ from ftp_vllm.routing.layout import TokenLayout
 from ftp_vllm.routing.router import RouterInputs, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 
-logger = logging.getLogger("vllm.ftp_vllm")
+logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
 _RUNTIME: RoutingRuntime | None = None
 
@@ -213,7 +213,9 @@ class RoutingRuntime:
         blocks = [self.blocks(float(targets[r])) for r in rr]
         if all(not bool((b > 0).any()) for b in blocks):
             return None
-        routed_idx_np = np.concatenate([np.arange(qsl[r], qsl[r] + n) for r, n in zip(rr, rlen)])
+        routed_idx_np = np.concatenate(
+            [np.arange(qsl[r], qsl[r] + n) for r, n in zip(rr, rlen, strict=True)]
+        )
         device = cm.query_start_loc.device
         layout = TokenLayout.from_lengths(torch.as_tensor(rlen), device=device)
         bs = torch.stack(blocks).to(device)[layout.seq_ids].T.contiguous()  # [L, Tr]
