@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import random
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--targets", default=DEFAULT_TARGETS, help="mean sparsities to search")
     sp.add_argument("--population", type=int, default=10)
     sp.add_argument("--generations", type=int, default=8)
-    sp.add_argument("--num-seqs", type=int, default=3, help="tune-split sequences for fitness")
+    sp.add_argument("--num-seqs", type=int, default=4, help="tune-split sequences for fitness")
     sp.add_argument("--seq-len", type=int, default=128)
     _common(sp)
     sp.set_defaults(func=_cmd_schedule)
@@ -45,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tp.add_argument("--output", required=True, help="artifact folder to write")
     tp.add_argument("--targets", default=DEFAULT_TARGETS,
                     help="targets of the uniform schedule when --schedule-from is not given")
-    tp.add_argument("--steps", type=int, default=150)
+    tp.add_argument("--steps", type=int, default=120)
     tp.add_argument("--batch-size", type=int, default=2)
     tp.add_argument("--lr", type=float, default=3e-3)
     tp.add_argument("--num-seqs", type=int, default=256, help="train-split sequences")
@@ -105,7 +104,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     from ftp_vllm.routing.router import StaticRouter
     from ftp_vllm.routing.schedule import SparsitySchedule
     from ftp_vllm.training.schedule_search import SearchConfig, kl_fitness, search_schedule
-    from ftp_vllm.training.trainer import sample_positions
+    from ftp_vllm.training.trainer import tail_positions
 
     targets = _targets(args.targets)
     model, tokenizer, fingerprint, model_path = _setup(args)
@@ -119,7 +118,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
         router, kind = base.router, base.kind
     seqs = calibration_sequences(tokenizer, "tune", args.num_seqs, args.seq_len, args.seed)
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
-    at = sample_positions(lengths, 32, random.Random(args.seed))
+    at = tail_positions(lengths, 16)
     cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
     found, history = {}, {}
     start = time.perf_counter()
@@ -138,7 +137,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             args, model_path,
             schedule_search={
                 "data": f"lambada tune split, {args.num_seqs} x {args.seq_len} tokens",
-                "fitness": "-KL(dense || routed) at 32 positions/seq - 10 x sparsity shortfall",
+                "fitness": "-KL(dense || routed), last 16 tokens/seq, - 10 x sparsity shortfall",
                 "config": vars(cfg), "best_fitness_per_generation": history,
                 "seconds": round(time.perf_counter() - start, 1),
             },

@@ -30,7 +30,8 @@ class TrainConfig:
     guide_decay: float = 0.5  # fraction of training over which the guide weight goes 1 -> 0
     hidden: int = 64
     block_jitter: float = 0.15  # std of noise on per-block targets: covers searched schedules
-    distill_positions: int = 48  # per sequence: KL on a random subset (the LM head is costly)
+    distill_positions: int = 16  # KL on each sequence's last tokens: what serving reads
+    min_len_fraction: float = 0.5  # sequences are cut to a random length in [f * len, len]
     seed: int = 0
 
 
@@ -106,12 +107,15 @@ def train_router(
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="train router", disable=not progress)
     for step in bar:
-        batch = rng.sample(sequences, min(config.batch_size, len(sequences)))
+        batch = [
+            s[: rng.randint(int(len(s) * config.min_len_fraction), len(s))]
+            for s in rng.sample(sequences, min(config.batch_size, len(sequences)))
+        ]
         ids = torch.cat(batch)
         lengths = [len(s) for s in batch]
         means = [rng.uniform(config.min_target, schedule.max_target) for _ in batch]
         blocks = torch.stack([_jittered(schedule.blocks(m), m, config, gen) for m in means])
-        at = sample_positions(lengths, config.distill_positions, rng)
+        at = tail_positions(lengths, config.distill_positions)
         with torch.no_grad():
             teacher = routed_forward(model, ids, lengths, logits_at=at).logits
         gate = _StraightThroughGate(router)
@@ -154,10 +158,16 @@ def config_dict(config: TrainConfig) -> dict:
     return asdict(config)
 
 
-def sample_positions(lengths: list[int], per_seq: int, rng: random.Random) -> Tensor:
-    """Flattened indices of up to `per_seq` random positions of each sequence, sorted."""
-    out, start = [], 0
+def tail_positions(lengths: list[int], per_seq: int) -> Tensor:
+    """Flattened indices of the last `per_seq` tokens of each sequence.
+
+    Distillation and search read the outputs there: a served prompt's next token comes from its
+    last position, and an answer scored by log-likelihood sits at the end of its prompt. A
+    token skipped at every block has a meaningless output of its own, and that is fine, as long
+    as its K/V still serve the tokens after it.
+    """
+    out, end = [], 0
     for n in lengths:
-        out += sorted(start + i for i in rng.sample(range(n), min(per_seq, n)))
-        start += n
+        end += n
+        out += range(end - min(per_seq, n), end)
     return torch.tensor(out)
