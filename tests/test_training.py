@@ -7,6 +7,7 @@ from ftp_vllm.routing.router import StaticRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 from ftp_vllm.training.schedule_search import (
     SearchConfig,
+    dense_first,
     kl_fitness,
     project_to_mean,
     search_schedule,
@@ -60,3 +61,11 @@ def test_training_moves_router_toward_targets_and_lowers_loss():
     # The trained router actually skips tokens in the served (hard) forward.
     out = routed_forward(model, seqs[0], router=router, block_sparsity=sched.blocks(0.5))
     assert 0.05 < token_sparsity(out.keep) < 0.95
+
+
+def test_projection_keeps_dense_blocks_dense():
+    v = torch.tensor([0.0, 0.0, 0.2, 0.3], dtype=torch.float64)
+    p = project_to_mean(v, 0.3, 0.9)
+    assert p[:2].tolist() == [0.0, 0.0] and abs(float(p.mean()) - 0.3) < 1e-9
+    d = dense_first(10, 0.27, 1)
+    assert d[0] == 0 and torch.allclose(d[1:], torch.full((9,), 0.3, dtype=torch.float64))

@@ -43,7 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="artifact whose schedules to train against (default: uniform)")
     tp.add_argument("--output", required=True, help="artifact folder to write")
     tp.add_argument("--targets", default=DEFAULT_TARGETS,
-                    help="targets of the uniform schedule when --schedule-from is not given")
+                    help="targets of the default schedule when --schedule-from is not given")
+    tp.add_argument("--dense-first", type=int, default=2,
+                    help="default schedule: this many first blocks dense, the rest uniform")
     tp.add_argument("--steps", type=int, default=120)
     tp.add_argument("--batch-size", type=int, default=2)
     tp.add_argument("--lr", type=float, default=3e-3)
@@ -151,6 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from ftp_vllm.artifact import RouterArtifact, load_artifact
     from ftp_vllm.data.calibration import calibration_sequences
     from ftp_vllm.routing.schedule import SparsitySchedule
+    from ftp_vllm.training.schedule_search import dense_first
     from ftp_vllm.training.trainer import TrainConfig, config_dict, train_router
 
     model, tokenizer, fingerprint, model_path = _setup(args)
@@ -160,7 +163,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
         source.check_model(fingerprint, args.schedule_from)
         schedule, search = source.schedule, source.provenance.get("schedule_search")
     else:
-        schedule, search = SparsitySchedule.uniform(_targets(args.targets), num_layers), None
+        schedule = SparsitySchedule({
+            t: dense_first(num_layers, t, args.dense_first) for t in _targets(args.targets)
+        }, num_layers)
+        search = None
     seqs = calibration_sequences(tokenizer, "train", args.num_seqs, args.seq_len, args.seed)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     router, stats = train_router(model, seqs, schedule, cfg)

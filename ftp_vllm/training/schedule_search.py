@@ -35,7 +35,11 @@ class SearchConfig:
 
 
 def project_to_mean(v: Tensor, target: float, max_block: float) -> Tensor:
-    """Closest-by-shift vector with entries in [0, max_block] and mean exactly `target`."""
+    """Closest-by-shift vector with entries in [0, max_block] and mean exactly `target`.
+
+    Raising leaves blocks at exactly 0 alone where it can: a dense block is a decision
+    (SmolLM2's first blocks must not skip), not a deficit to spread the budget into.
+    """
     if not 0 <= target <= max_block:
         raise ValueError(f"target {target} outside [0, {max_block}]")
     v = v.double().clamp(0, max_block)
@@ -43,11 +47,23 @@ def project_to_mean(v: Tensor, target: float, max_block: float) -> Tensor:
         gap = target - float(v.mean())
         if abs(gap) < 1e-9:
             break
-        free = (v < max_block) if gap > 0 else (v > 0)
+        if gap > 0:
+            free = (v > 0) & (v < max_block)
+            if not bool(free.any()):
+                free = v < max_block
+        else:
+            free = v > 0
         if not bool(free.any()):
             break
         v = (v + gap * len(v) / int(free.sum()) * free).clamp(0, max_block)
     return v
+
+
+def dense_first(num_layers: int, target: float, first: int, max_block: float = 0.9) -> Tensor:
+    """Schedule with the first `first` blocks dense and the budget spread evenly on the rest."""
+    v = torch.full((num_layers,), float(target), dtype=torch.float64)
+    v[:first] = 0.0
+    return project_to_mean(v, target, max_block)
 
 
 def kl_fitness(
@@ -99,8 +115,12 @@ def search_schedule(
 
     uniform = torch.full((num_layers,), float(target), dtype=torch.float64)
     pop = [fix(v) for v in (init or [])] + [uniform]
-    depth = torch.linspace(0, 1, num_layers, dtype=torch.float64)
-    pop.append(fix(uniform * (1 - (2 * depth - 1) ** 4)))  # spare the first and last blocks
+    # FTP.md: the first and last blocks change their tokens most, so seed schedules sparing them.
+    for first in (1, 2, 3):
+        pop.append(dense_first(num_layers, target, first, config.max_block))
+    spare_last = dense_first(num_layers, target, 2, config.max_block)
+    spare_last[-1] = 0.0
+    pop.append(fix(spare_last))
     while len(pop) < config.population:
         noise = torch.randn(num_layers, generator=gen, dtype=torch.float64) * 2 * config.mutation
         pop.append(fix(uniform + noise))
@@ -118,7 +138,7 @@ def search_schedule(
             child = w * a + (1 - w) * b
             mask = torch.rand(num_layers, generator=gen) < config.mutation_rate
             noise = torch.randn(num_layers, generator=gen, dtype=torch.float64) * config.mutation
-            children.append(fix(child + noise * mask))
+            children.append(fix(child + noise * mask * (child > 0)))
         pop = children
     best = max(pop, key=score)
     history.append(score(best))

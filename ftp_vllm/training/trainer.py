@@ -147,11 +147,12 @@ def train_router(
 
 
 def _jittered(blocks: Tensor, mean: float, config: TrainConfig, gen: torch.Generator) -> Tensor:
-    """Per-block targets with noise, same mean: the router must serve any searched schedule."""
+    """Per-block targets with noise, same mean: the router must serve any searched schedule.
+    Dense blocks stay dense."""
     if config.block_jitter <= 0:
         return blocks
     noise = torch.randn(blocks.shape, generator=gen, dtype=blocks.dtype) * config.block_jitter
-    return project_to_mean(blocks + noise, mean, 0.9)
+    return project_to_mean(blocks + noise * (blocks > 0), mean, 0.9)
 
 
 def config_dict(config: TrainConfig) -> dict:
