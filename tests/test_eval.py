@@ -224,8 +224,25 @@ def test_perplexity_from_token_logprobs(model):
     passages = ["a b c d e f", "g h i"]
     res = perplexity(passages, enc, ReferenceScorer(model), progress=False)
     nll = -sum(_hand_loglikelihood(model, [0], enc.encode(p)) for p in passages)
-    assert res.tokens == 9
+    word_nll = -sum(_hand_loglikelihood(model, [0, *enc.encode(p[:-2])], enc.encode(p[-2:]))
+                    for p in passages)
+    assert res.tokens == 9 and res.word_tokens == 2
     assert res.perplexity == pytest.approx(math.exp(nll / 9), rel=1e-4)
+    assert res.word_perplexity == pytest.approx(math.exp(word_nll / 2), rel=1e-4)
+
+    class SumsOnly:  # a scorer without token_logprobs: asked twice, same answer
+        def __init__(self, inner):
+            self.inner, self.stats = inner, inner.stats
+
+        def logprobs(self, requests):
+            return self.inner.logprobs(requests)
+
+        def describe(self):
+            return {}
+
+    again = perplexity(passages, enc, SumsOnly(ReferenceScorer(model)), progress=False)
+    assert again.perplexity == pytest.approx(res.perplexity, rel=1e-6)
+    assert again.word_perplexity == pytest.approx(res.word_perplexity, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------- methods

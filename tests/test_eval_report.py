@@ -70,9 +70,9 @@ def test_report_writes_table_and_plot(results_dir, tmp_path):
     ftp = next(x for x in lines if "`ftp-vllm eval --method ftp --sparsity 0.3 --limit 50`" in x
                and x.startswith("| ftp"))
     cells = [c.strip() for c in ftp.strip("|").split("|")]
-    # method, target S, sparsity, FLOPs, piqa, winogrande, avg, retention, ppl, command
-    assert cells[:9] == ["ftp", "0.30", "0.297", "0.760", "66.0", "48.0", "57.0", "95.0",
-                         "23.00"]
+    # method, target S, sparsity, FLOPs, piqa, winogrande, avg, retention, ppl x2, command
+    assert cells[:10] == ["ftp", "0.30", "0.297", "0.760", "66.0", "48.0", "57.0", "95.0",
+                         "23.00", "-"]
     short = next(x for x in lines if x.startswith("| shortgpt"))
     assert "| 83.3 |" in short
     assert "piqa (acc_norm)" in text and "winogrande (acc)" in text

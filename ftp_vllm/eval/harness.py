@@ -116,6 +116,10 @@ class TaskResult:
             "prompt_tokens": self.stats.tokens,
             "seconds": self.seconds,
             "seconds_per_item": self.seconds / self.n if self.n else 0.0,
+            # Per item, in item order (fixed by task, limit and seed): 1 = correct. Lets two
+            # results files be compared item by item (paired tests).
+            "correct": "".join(str(int(p == lab)) for _, lab, p, _ in self.predictions),
+            "correct_norm": "".join(str(int(p == lab)) for _, lab, _, p in self.predictions),
         }
 
 
@@ -186,20 +190,35 @@ def evaluate_task(
 
 @dataclass
 class PerplexityResult:
+    """Two signals from one routed prompt per passage ([prefix token] + passage):
+
+    - passage perplexity: exp(mean NLL of every passage token), as the prompt's logprobs come
+      back from a serving engine (a token that skipped every block predicts badly, and
+      this shows it);
+    - last-word perplexity: exp(mean over passages of the final word's NLL), LAMBADA's own
+      metric (lm-evaluation-harness's `perplexity`), read off the end of the same prompt.
+    """
+
     passages: int
     tokens: int
     bytes: int
-    nll: float  # summed negative log-likelihood (nats)
+    nll: float  # summed negative log-likelihood of all passage tokens (nats)
+    word_nll: float  # summed negative log-likelihood of the final words (nats)
+    word_tokens: int
     stats: ScoreStats
     seconds: float
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+        return _exp(self.nll / self.tokens) if self.tokens else float("nan")
 
     @property
     def bits_per_byte(self) -> float:
         return self.nll / self.bytes / math.log(2) if self.bytes else float("nan")
+
+    @property
+    def word_perplexity(self) -> float:
+        return _exp(self.word_nll / self.passages) if self.passages else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -207,10 +226,23 @@ class PerplexityResult:
             "tokens": self.tokens,
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
+            "word_perplexity": self.word_perplexity,
+            "word_tokens": self.word_tokens,
             "sparsity": self.stats.sparsity,
             "flop_fraction": self.stats.flop_fraction,
             "seconds": self.seconds,
         }
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else float("inf")
+
+
+def split_last_word(passage: str) -> tuple[str, str]:
+    """(context, " lastword") of a LAMBADA passage."""
+    text = passage.rstrip()
+    cut = text.rfind(" ")
+    return (text[:cut], text[cut:]) if cut > 0 else ("", text)
 
 
 def perplexity(
@@ -223,21 +255,41 @@ def perplexity(
     progress: bool = True,
     desc: str = "lambada ppl",
 ) -> PerplexityResult:
-    """Token perplexity of whole passages, each one prompt: [prefix token] + passage (the
-    first `max_tokens` passage tokens), every passage token predicted."""
+    """Passage and last-word perplexity (`PerplexityResult`). Each passage is one prompt:
+    [prefix token] + context tokens + final-word tokens (split as `encode_pair` splits them;
+    the context left-truncated to `max_tokens` in all), every token after the prefix scored.
+    Scorers without `token_logprobs` are asked twice (whole passage, then final word)."""
     t0 = time.perf_counter()
     before = scorer.stats.copy()
-    requests = [([encoder.prefix_token_id], encoder.encode(p)[:max_tokens]) for p in passages]
-    nll = 0.0
+    pairs = []
+    for p in passages:
+        ctx, word = encode_pair(encoder, *split_last_word(p))
+        if ctx == [encoder.prefix_token_id]:
+            ctx = []
+        ctx = ctx[max(len(ctx) + len(word) - max_tokens, 0) :]
+        pairs.append((ctx, word))
+    nll = word_nll = 0.0
+    per_token = getattr(scorer, "token_logprobs", None)
+    prefix = encoder.prefix_token_id
     with _progress(len(passages), desc, progress) as bar:
-        for chunk in _chunks([1 + len(r[1]) for r in requests], chunk_tokens):
-            nll -= sum(scorer.logprobs([requests[i] for i in chunk]))
+        for chunk in _chunks([1 + len(c) + len(w) for c, w in pairs], chunk_tokens):
+            whole = [([prefix], pairs[i][0] + pairs[i][1]) for i in chunk]
+            if per_token is not None:
+                for i, lps in zip(chunk, per_token(whole), strict=True):
+                    nll -= math.fsum(lps)
+                    word_nll -= math.fsum(lps[len(lps) - len(pairs[i][1]) :])
+            else:
+                nll -= math.fsum(scorer.logprobs(whole))
+                word_nll -= math.fsum(scorer.logprobs(
+                    [([prefix, *pairs[i][0]], pairs[i][1]) for i in chunk]))
             bar.update(len(chunk))
     return PerplexityResult(
         passages=len(passages),
-        tokens=sum(len(r[1]) for r in requests),
+        tokens=sum(len(c) + len(w) for c, w in pairs),
         bytes=sum(len(p.encode("utf-8")) for p in passages),
         nll=nll,
+        word_nll=word_nll,
+        word_tokens=sum(len(w) for _, w in pairs),
         stats=scorer.stats - before,
         seconds=time.perf_counter() - t0,
     )

@@ -120,6 +120,12 @@ def _pct(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}"
 
 
+def _ppl(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if x >= 1e4 else f"{x:.2f}"
+
+
 def _method_cell(r: dict[str, Any]) -> str:
     m = r.get("method", "?")
     label = m
@@ -145,7 +151,7 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
                    + ", ".join(f"{t} {n[t]}" for t in tasks) + ").\n")
         head = ["method", "target S", "sparsity", "FLOPs"]
         head += [f"{t} ({headline(t)})" for t in tasks]
-        head += ["avg", "retention", "LAMBADA ppl", "command"]
+        head += ["avg", "retention", "ppl passage", "ppl word", "command"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
         for row in grp:
@@ -159,7 +165,8 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
                 *(_pct(r["tasks"][t][headline(t)]) for t in tasks),
                 _pct(row["avg"]),
                 _pct(row["retention"]),
-                f"{lam['perplexity']:.2f}" if lam.get("perplexity") else "-",
+                _ppl(lam.get("perplexity")),
+                _ppl(lam.get("word_perplexity")),
                 f"`{r.get('command', '')}`",
             ]
             out.append("| " + " | ".join(cells) + " |")
@@ -251,8 +258,19 @@ it; each choice's context + continuation is one routed prompt. **sparsity** is t
 fraction of (prompt token, block) pairs skipped over all evaluated prompts; **FLOPs** is the
 routed prefill FLOP count over the dense one (a skipped token still pays for its K/V;
 ShortGPT's removed blocks pay nothing); **retention** is the average over the dense average of
-the same tasks, items and scorer; **LAMBADA ppl** is token perplexity on heldout calibration
-passages (routed the same way). Accuracies are in %.
+the same tasks, items and scorer. Accuracies are in %. Perplexity is measured on heldout
+LAMBADA calibration passages, each one routed prompt: **ppl passage** over every passage token
+(what prompt logprobs from the engine would give: a token that skips blocks predicts the
+next one from a less processed state, and the static router skips the same oldest tokens at
+every block), **ppl word** over the final word only (LAMBADA's own metric, read off the end
+of the prompt).
+
+Methods (`ftp-vllm eval --method`): **dense** (no routing); **ftp** (the trained MLP router
+with its searched per-block schedule, from the shipped artifact); **static** (FTP's
+training-free router: skips the oldest tokens after the first, searched schedule);
+**static-uniform** (the same router, every block at the target); **random** (the static
+router's token count per block, chosen at random, uniform schedule); **shortgpt** (the
+round(S x L) blocks of lowest Block Influence on calibration text removed, the rest dense).
 
 <!-- BEGIN GENERATED: accuracy -->
 <!-- END GENERATED: accuracy -->

@@ -17,6 +17,7 @@ every prompt a scorer has seen, so they are token-weighted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Protocol, runtime_checkable
@@ -78,9 +79,11 @@ class Scorer(Protocol):
     """Scores log-likelihood requests.
 
     `logprobs` returns, per request, the sum of log p(continuation token | everything before
-    it), in request order. `stats` is the running total of compute spent so far (a scorer
-    that cannot measure it leaves it at zero). `describe` says what the scorer is, for the
-    results file.
+    it), in request order. A scorer may also offer `token_logprobs(requests) ->
+    list[list[float]]` (the same, token by token); perplexity uses it when present.
+    `stats` is the running total of compute spent so far (a scorer that cannot measure it
+    leaves it at zero). `describe` says what the scorer is, for the results file (its
+    "scorer" entry names the engine: "reference" here, e.g. "vllm" for a serving engine).
     """
 
     stats: ScoreStats
@@ -177,40 +180,45 @@ class ReferenceScorer:
             "max_length": self.max_length,
         }
 
-    @torch.no_grad()
     def logprobs(self, requests: Sequence[Request]) -> list[float]:
+        return [math.fsum(t) for t in self.token_logprobs(requests)]
+
+    @torch.no_grad()
+    def token_logprobs(self, requests: Sequence[Request]) -> list[list[float]]:
+        """Per request, log p of each continuation token given everything before it."""
         prompts = [truncate(r, self.max_length) for r in requests]
-        out = [0.0] * len(prompts)
+        out: list[list[float]] = [[] for _ in prompts]
         for group in pack([len(p[0]) for p in prompts], self.batch_tokens):
             scores = self._score_group([prompts[i] for i in group])
             for i, s in zip(group, scores, strict=True):
                 out[i] = s
         return out
 
-    def _score_group(self, prompts: list[tuple[list[int], int]]) -> list[float]:
+    def _score_group(self, prompts: list[tuple[list[int], int]]) -> list[list[float]]:
         lengths = [len(ids) for ids, _ in prompts]
         device = next(self.model.parameters()).device
         ids = torch.tensor([t for p, _ in prompts for t in p], dtype=torch.long, device=device)
         res = routed_forward(self.hidden, ids, lengths, self.router, self.block_sparsity)
         # Positions whose next-token distribution predicts a continuation token.
-        rows, targets, owner = [], [], []
+        rows, targets = [], []
         start = 0
-        for r, (p, n_cont) in enumerate(prompts):
+        for p, n_cont in prompts:
             end = start + len(p)
             rows.extend(range(end - n_cont - 1, end - 1))
             targets.extend(p[len(p) - n_cont :])
-            owner.extend([r] * n_cont)
             start = end
         rows_t = torch.tensor(rows, device=device)
         logits = self.model.lm_head(res.logits[rows_t]).float()
         picked = F.log_softmax(logits, dim=-1).gather(
             1, torch.tensor(targets, device=device)[:, None]
-        )[:, 0]
-        sums = torch.zeros(len(prompts), dtype=torch.float64, device=device)
-        sums.index_add_(0, torch.tensor(owner, device=device), picked.double())
+        )[:, 0].double().tolist()
+        out, pos = [], 0
+        for _, n_cont in prompts:
+            out.append(picked[pos : pos + n_cont])
+            pos += n_cont
         self.stats.prompts += len(prompts)
         self._account(res.keep, res.layout.positions)
-        return sums.tolist()
+        return out
 
     def _account(self, keep: Tensor, positions: Tensor) -> None:
         num_tokens = keep.shape[1]
