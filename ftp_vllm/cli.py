@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.eval.command",  # eval
     "ftp_vllm.eval.report",  # report
     "ftp_vllm.cli",  # demo (below)
+    "server.command",  # serve, serve-bench
 ]
 
 DEMO_PROMPT = (

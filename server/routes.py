@@ -1,0 +1,105 @@
+"""``/ftp/...`` routes and the middleware that refreshes the ftp_ metrics before a scrape.
+
+- ``GET /ftp/stats``: routing settings, the workers' running totals, the last self-benchmark.
+- ``GET /ftp/requests/{id}``: routing records of a recent request by the id its response
+  carried (``cmpl-...``, ``chatcmpl-...``): prompt tokens, target and measured sparsity,
+  FLOP-model speedup, one record per prompt. Standard OpenAI clients never call it.
+- ``POST /ftp/benchmark``: re-run the self-benchmark now (query ``tokens``, ``prompts``,
+  ``repeats``); 409 while one runs. With ``--api-key`` it needs the same bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+class MetricsRefreshMiddleware:
+    """ASGI: before ``GET /metrics`` is answered, read the workers' stats (bounded wait)."""
+
+    def __init__(self, app: Any, poller: Any, max_wait: float = 2.0):
+        self.app = app
+        self.poller = poller
+        self.max_wait = max_wait
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET":
+            path = scope["path"].removeprefix(scope.get("root_path", ""))
+            if path.rstrip("/") == "/metrics":
+                await self.poller.refresh(self.max_wait)
+        await self.app(scope, receive, send)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "BadRequestError"
+                                   if status < 500 else "InternalServerError",
+                                   "param": None, "code": status}}, status_code=status)
+
+
+def _api_keys(args: Any) -> list[str]:
+    import os
+
+    keys = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+    if not keys:
+        return []
+    return list(keys) if isinstance(keys, list | tuple) else [keys]
+
+
+def add_routes(app: FastAPI, ftp: Any) -> None:
+    routing = ftp.routing
+
+    @app.get("/ftp/stats")
+    async def ftp_stats() -> JSONResponse:
+        poller = ftp.poller
+        if poller is not None:
+            await poller.refresh(2.0)
+        return JSONResponse({
+            "routing": {"enabled": routing.enabled,
+                        "router": str(routing.router) if routing.router else None,
+                        "kind": routing.kind, "source": routing.source,
+                        "default_sparsity": routing.sparsity if routing.enabled else 0.0,
+                        "max_sparsity": routing.max_sparsity},
+            "totals": None if poller is None else poller.last,
+            "self_benchmark": None if ftp.last_bench is None else ftp.last_bench.to_dict(),
+        })
+
+    @app.get("/ftp/requests/{request_id}")
+    async def ftp_request(request_id: str) -> JSONResponse:
+        poller = ftp.poller
+        if poller is None:
+            return _error(404, "FTP routing is off on this server: no routing records")
+        await poller.refresh(2.0)
+        records = poller.recent.get(request_id)
+        if records is None:
+            return _error(404, f"no routing record for {request_id!r} (unknown id, a dense "
+                               "request, or older than the most recent records kept)")
+        return JSONResponse({"id": request_id, "records": records})
+
+    @app.post("/ftp/benchmark")
+    async def ftp_benchmark(request: Request, tokens: int | None = None,
+                            prompts: int | None = None,
+                            repeats: int | None = None) -> JSONResponse:
+        keys = _api_keys(ftp.args)
+        if keys:
+            auth = request.headers.get("authorization", "")
+            token = auth.removeprefix("Bearer ").strip()
+            if not any(hmac.compare_digest(token, k) for k in keys):
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        if not routing.enabled or routing.sparsity <= 0:
+            return _error(400, "nothing to measure: FTP routing is off or the default "
+                               "sparsity is 0")
+        for name, value, low, high in (("tokens", tokens, 2, 1 << 20),
+                                       ("prompts", prompts, 1, 256),
+                                       ("repeats", repeats, 1, 100)):
+            if value is not None and not low <= value <= high:
+                return _error(400, f"{name} must lie in [{low}, {high}], got {value}")
+        if ftp.bench_lock.locked():
+            return _error(409, "a self-benchmark is already running")
+        try:
+            res = await ftp.run_benchmark(tokens=tokens, prompts=prompts, repeats=repeats)
+        except Exception as e:  # noqa: BLE001
+            return _error(500, f"self-benchmark failed: {e!r}")
+        return JSONResponse(res.to_dict())
