@@ -1,0 +1,335 @@
+"""Server pieces without an engine: routing settings, the sparsity check, the metrics poller,
+the docs of every metric, the CLI wiring. The running server is tested in test_e2e_server.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from server import settings as S
+from server.metrics import METRICS, SELF_BENCH_PREFIX, FTPMetrics, StatsPoller, response_id
+from server.validation import SparsityValidationMiddleware, check_request_sparsity, find_error
+
+ROOT = Path(__file__).resolve().parents[1]
+FINGERPRINT = dict(model_type="llama", num_hidden_layers=4, hidden_size=128,
+                   intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=256, norm_sha256="0" * 64)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    from ftp_vllm.plugin.testing import make_artifact
+
+    return make_artifact(tmp_path / "router", FINGERPRINT, kind="static", targets=(0.2, 0.4))
+
+
+# --------------------------------------------------------------------- settings
+def test_router_flag_and_sparsity(artifact):
+    routing, ov = S.resolve_routing(model_given=True, router=str(artifact), sparsity=0.25,
+                                    hf_overrides={"rope_theta": 5.0}, env={})
+    assert routing.enabled and routing.sparsity == 0.25 and routing.max_sparsity == 0.4
+    assert ov["architectures"] == ["FTPLlamaForCausalLM"] and ov["ftp_sparsity"] == 0.25
+    assert ov["rope_theta"] == 5.0 and Path(ov["ftp_router"]) == artifact.resolve()
+
+
+def test_env_router_and_sparsity(artifact):
+    env = {S.ENV_ROUTER: str(artifact), S.ENV_SPARSITY: "0.1"}
+    routing, ov = S.resolve_routing(model_given=True, env=env)
+    assert routing.source == S.ENV_ROUTER and routing.sparsity == 0.1
+    # the flag beats the environment
+    routing, _ = S.resolve_routing(model_given=True, sparsity=0.35, env=env)
+    assert routing.sparsity == 0.35
+
+
+@pytest.mark.parametrize("bad", [0.5, -0.1, 1.0, "x"])
+def test_bad_server_sparsity_is_refused(artifact, bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        if isinstance(bad, str):
+            S.resolve_routing(model_given=True, router=str(artifact),
+                              env={S.ENV_SPARSITY: bad})
+        else:
+            S.resolve_routing(model_given=True, router=str(artifact), sparsity=bad, env={})
+
+
+def test_default_sparsity_capped_to_the_artifact(tmp_path):
+    from ftp_vllm.plugin.testing import make_artifact
+
+    art = make_artifact(tmp_path / "low", FINGERPRINT, kind="static", targets=(0.1, 0.2))
+    routing, ov = S.resolve_routing(model_given=True, router=str(art), env={})
+    assert routing.sparsity == 0.2 and ov["ftp_sparsity"] == 0.2
+    assert any("capped" in n for n in routing.notes)
+
+
+def test_default_model_uses_shipped_then_static_then_dense(tmp_path, monkeypatch, artifact):
+    import shutil
+
+    monkeypatch.setattr(S, "artifacts_dir", lambda: tmp_path / "artifacts")
+    routing, ov = S.resolve_routing(model_given=False, env={})
+    assert not routing.enabled and ov is None
+    assert "DENSE" in routing.notes[0] and S.ENV_ROUTER in routing.notes[0]
+    shutil.copytree(artifact, tmp_path / "artifacts" / S.FALLBACK_ARTIFACT)
+    routing, _ = S.resolve_routing(model_given=False, env={})
+    assert routing.enabled and routing.router.name == S.FALLBACK_ARTIFACT
+    assert "static" in routing.notes[0]
+    shutil.copytree(artifact, tmp_path / "artifacts" / S.SHIPPED_ARTIFACT)
+    routing, _ = S.resolve_routing(model_given=False, env={})
+    assert routing.router.name == S.SHIPPED_ARTIFACT and not routing.notes
+    assert routing.sparsity == S.DEFAULT_SPARSITY
+    # a model of the caller's own gets no default router
+    routing, _ = S.resolve_routing(model_given=True, env={})
+    assert not routing.enabled
+
+
+def test_no_routing_and_user_overrides(artifact):
+    routing, ov = S.resolve_routing(model_given=True, no_routing=True,
+                                    env={S.ENV_ROUTER: str(artifact)})
+    assert not routing.enabled and ov is None
+    with pytest.raises(ValueError, match="--no-routing"):
+        S.resolve_routing(model_given=True, no_routing=True, sparsity=0.2, env={})
+    user = {"architectures": ["FTPLlamaForCausalLM"], "ftp_router": str(artifact),
+            "ftp_sparsity": 0.2}
+    routing, ov = S.resolve_routing(model_given=True, hf_overrides=user, env={})
+    assert routing.enabled and routing.sparsity == 0.2 and ov == user
+    with pytest.raises(ValueError, match="--hf-overrides"):
+        S.resolve_routing(model_given=True, hf_overrides=user, router=str(artifact), env={})
+
+
+def test_corrupt_artifact_names_the_file(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "router.json").write_text("{not json")
+    with pytest.raises(ValueError, match="router.json.*corrupt"):
+        S.resolve_routing(model_given=True, router=str(tmp_path / "bad"), env={})
+
+
+# --------------------------------------------------------------------- validation
+@pytest.mark.parametrize("value,ok", [
+    (0, True), (0.0, True), (0.4, True), (0.2, True), (None, True),
+    (0.41, False), (-0.01, False), (1, False), (float("nan"), False), (float("inf"), False),
+    (True, False), ("0.2", False), ([0.2], False), ({"a": 1}, False),
+])
+def test_check_request_sparsity(value, ok):
+    assert (check_request_sparsity(value, 0.4, True) is None) == ok
+
+
+def test_routing_off_accepts_only_dense():
+    assert check_request_sparsity(0, 0.0, False) is None
+    assert "without FTP routing" in check_request_sparsity(0.2, 0.0, False)
+
+
+def test_find_error_ignores_what_is_not_ours():
+    assert find_error(b"{not json", 0.4, True) is None  # vLLM answers malformed JSON
+    assert find_error(b'["ftp_sparsity"]', 0.4, True) is None
+    assert find_error(b'{"prompt": "ftp_sparsity"}', 0.4, True) is None
+    assert find_error(b'{"vllm_xargs": {"ftp_sparsity": 0.3}}', 0.4, True) is None
+    assert "outside [0, 0.4]" in find_error(b'{"vllm_xargs": {"ftp_sparsity": 0.9}}', 0.4, True)
+
+
+def _asgi_app():
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def echo(request):
+        return JSONResponse({"echo": (await request.body()).decode()})
+
+    app = Starlette(routes=[Route("/v1/completions", echo, methods=["POST", "GET"])])
+    return SparsityValidationMiddleware(app, get_limits=lambda: (0.4, True))
+
+
+def test_middleware_refuses_bad_values_and_replays_good_bodies():
+    from starlette.testclient import TestClient
+
+    client = TestClient(_asgi_app())
+    good = json.dumps({"prompt": "x" * 10000, "vllm_xargs": {"ftp_sparsity": 0.3}})
+    r = client.post("/v1/completions", content=good)
+    assert r.status_code == 200 and r.json()["echo"] == good
+    r = client.post("/v1/completions", content=b"{broken")
+    assert r.status_code == 200 and r.json()["echo"] == "{broken"  # passed on to vLLM
+    for bad in (0.5, -1, "0.2", True):
+        r = client.post("/v1/completions", json={"prompt": "x", "vllm_xargs": {
+            "ftp_sparsity": bad}})
+        assert r.status_code == 400, bad
+        err = r.json()["error"]
+        assert err["code"] == 400 and err["param"] == "vllm_xargs.ftp_sparsity"
+        assert "ftp_sparsity" in err["message"]
+    assert client.get("/v1/completions").status_code == 200
+
+
+def test_middleware_streams_chunked_bodies():
+    """A body in several ASGI messages is reassembled, checked, and replayed whole."""
+    seen = {}
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        seen["body"] = body
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    mw = SparsityValidationMiddleware(app, get_limits=lambda: (0.4, True))
+    payload = json.dumps({"vllm_xargs": {"ftp_sparsity": 0.1}, "p": "y" * 5000}).encode()
+    parts = [payload[i:i + 1000] for i in range(0, len(payload), 1000)]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1}
+                for i, p in enumerate(parts)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def send(m):
+        sent.append(m)
+
+    asyncio.run(mw({"type": "http", "method": "POST", "path": "/v1/completions"},
+                   receive, send))
+    assert seen["body"] == payload and sent[0]["status"] == 200
+
+
+# --------------------------------------------------------------------- metrics
+def snap(tokens, skipped, kept, requests=()):
+    return {"routed_tokens": tokens, "skipped_per_layer": skipped, "kept_per_layer": kept,
+            "requests": list(requests)}
+
+
+def rec(rid, n, sparsity, speedup):
+    return {"request_id": rid, "prompt_tokens": n, "target_sparsity": 0.3,
+            "token_sparsity": sparsity, "flop_speedup": speedup}
+
+
+def value(registry, name, **labels):
+    v = registry.get_sample_value(name, labels or None)
+    return 0.0 if v is None else v
+
+
+def test_poller_turns_totals_into_counters_and_records_into_histograms():
+    reg = CollectorRegistry()
+    m = FTPMetrics(2, registry=reg)
+    calls = []
+    snaps = [
+        snap(10, [1, 2], [9, 8]),  # baseline (start-up warm-up and self-benchmark)
+        snap(110, [21, 32], [89, 78], [rec("cmpl-a-0-0123abcd", 60, 0.25, 1.3),
+                                       rec("chatcmpl-b-89abcdef", 40, 0.25, 1.3)]),
+        snap(150, [31, 32], [99, 118], [rec(f"{SELF_BENCH_PREFIX}x", 40, 0.125, 1.1)]),
+        snap(5, [1, 1], [4, 4], [rec("cmpl-c-0-00000000", 5, 0.2, 1.2)]),  # worker restarted
+    ]
+
+    async def rpc(method, timeout=None, kwargs=None):
+        calls.append((method, kwargs))
+        return [snaps.pop(0), None]
+
+    async def go():
+        p = StatsPoller(rpc, m)
+        await p.poll(count=False)
+        await p.poll()
+        await p.poll()
+        await p.poll()
+        return p
+
+    p = asyncio.run(go())
+    assert calls[0] == ("ftp_routing_stats", {"drain_requests": True})
+    # 100 + (40 - 40 self-benchmark tokens) + 5 after the restart
+    assert value(reg, "ftp_prefill_tokens_total") == 105
+    assert value(reg, "ftp_skipped_token_blocks_total", layer="0") == 20 + 10 + 1
+    assert value(reg, "ftp_computed_token_blocks_total", layer="1") == 70 + 40 + 4
+    assert value(reg, "ftp_request_token_sparsity_count") == 3  # self-benchmark left out
+    assert value(reg, "ftp_request_flop_speedup_sum") == pytest.approx(1.3 + 1.3 + 1.2)
+    assert value(reg, "ftp_request_token_sparsity_bucket", le="0.25") == 3
+    assert set(p.recent) == {"cmpl-a", "chatcmpl-b", "cmpl-c"}
+
+
+def test_poller_survives_engine_errors():
+    reg = CollectorRegistry()
+    m = FTPMetrics(1, registry=reg)
+
+    async def rpc(*a, **k):
+        raise RuntimeError("engine dead")
+
+    async def go():
+        p = StatsPoller(rpc, m)
+        await p.refresh(1.0)
+        return p
+
+    p = asyncio.run(go())
+    assert p.errors == 1 and value(reg, "ftp_stats_poll_errors_total") == 1
+
+
+def test_response_ids():
+    assert response_id("cmpl-abc-0-1a2b3c4d") == "cmpl-abc"
+    assert response_id("cmpl-abc-12-1a2b3c4d") == "cmpl-abc"
+    assert response_id("chatcmpl-xyz-1a2b3c4d") == "chatcmpl-xyz"
+    assert response_id("myid") == "myid" and response_id(None) is None
+
+
+def test_every_metric_is_exposed_with_its_type():
+    reg = CollectorRegistry()
+    FTPMetrics(3, registry=reg)
+    text = generate_latest(reg).decode()
+    for name, (kind, _labels, _) in METRICS.items():
+        base = name.removesuffix("_total") if kind == "counter" else name
+        assert re.search(rf"^# TYPE {base}(_total)? {kind}$", text, re.M), name
+    assert 'ftp_skipped_token_blocks_total{layer="2"} 0.0' in text
+    assert "ftp_measured_prefill_speedup 0.0" in text
+
+
+def test_deploy_contract_metrics_are_all_served():
+    """The names the alerts, dashboard and docs/OPERATIONS.md use (tests/test_deploy.py)."""
+    text = (ROOT / "tests" / "test_deploy.py").read_text()
+    block = text.split("FTP_METRICS = {", 1)[-1].split("}", 1)[0]
+    contract = dict(re.findall(r'"(ftp_[a-z_]+)": "(counter|gauge|histogram)"', block))
+    assert contract, "no ftp_ metric contract found in tests/test_deploy.py"
+    for name, kind in contract.items():
+        assert METRICS.get(name, (None,))[0] == kind, name
+
+
+def test_metrics_doc_documents_every_metric():
+    doc = (ROOT / "docs" / "METRICS.md").read_text()
+    for name, (kind, labels, _) in METRICS.items():
+        row = next((line for line in doc.splitlines() if line.startswith(f"| `{name}`")), None)
+        assert row is not None, f"docs/METRICS.md has no table row for {name}"
+        assert f"| {kind} |" in row, (name, row)
+        for label in labels:
+            assert f"`{label}`" in row, (name, label)
+
+
+# --------------------------------------------------------------------- CLI, bench report
+def test_cli_lists_serve_without_importing_vllm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ftp_vllm.cli import build_parser; p = build_parser(); "
+            "a = p.parse_args(['serve', '--port', '9', '-h']); "
+            "assert a.argv == ['--port', '9', '-h'], a.argv; "
+            "a = p.parse_args(['serve-bench', '--url', 'u']); assert a.argv == ['--url', 'u']; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_bench_markdown_section():
+    from server.bench import markdown_section, summarize
+
+    runs = [{"mode": "dense", "sparsity": 0.0, "request_throughput": 2.0,
+             "total_token_throughput": 100.0, "median_ttft_ms": 300.0, "p99_ttft_ms": 400.0,
+             "median_tpot_ms": 20.0, "mean_e2el_ms": 600.0, "failed": 0, "routing": {}},
+            {"mode": "routed", "sparsity": 0.3, "request_throughput": 2.5,
+             "total_token_throughput": 125.0, "median_ttft_ms": 200.0, "p99_ttft_ms": 300.0,
+             "median_tpot_ms": 20.0, "mean_e2el_ms": 500.0, "failed": 0,
+             "routing": {"token_sparsity": 0.31, "mean_request_flop_speedup": 1.4}}]
+    record = {"kind": "serve-bench", "created": "x", "vllm": "0.32.0",
+              "workload": {"num_prompts": 4, "input_len": 64, "output_len": 8,
+                           "request_rate": "inf", "max_concurrency": None},
+              "hardware": {"machine": "x86_64", "cpus": 2}, "server": {"model": "m"},
+              "runs": runs, "summary": summarize(runs)}
+    md = markdown_section([{"kind": "eval"}, record])
+    assert "| routed | 0.3 | 0.310 | 1.40 | 2.50 |" in md
+    assert "median TTFT 1.50x" in md
+    assert "No serving benchmark" in markdown_section([])
