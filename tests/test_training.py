@@ -1,5 +1,6 @@
 """Router training and the genetic schedule search, on tiny models and toy problems."""
 
+import pytest
 import torch
 
 from ftp_vllm.reference import routed_forward, token_sparsity
@@ -7,6 +8,7 @@ from ftp_vllm.routing.router import StaticRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 from ftp_vllm.training.schedule_search import (
     SearchConfig,
+    calibrate_budget,
     dense_first,
     kl_fitness,
     project_to_mean,
@@ -69,3 +71,22 @@ def test_projection_keeps_dense_blocks_dense():
     assert p[:2].tolist() == [0.0, 0.0] and abs(float(p.mean()) - 0.3) < 1e-9
     d = dense_first(10, 0.27, 1)
     assert d[0] == 0 and torch.allclose(d[1:], torch.full((9,), 0.3, dtype=torch.float64))
+
+
+class _HalfHearted(StaticRouter):
+    """Skips half of what it is asked to: a router whose input and output disagree."""
+
+    def _keep(self, inputs):
+        from dataclasses import replace
+
+        return super()._keep(replace(inputs, block_sparsity=inputs.block_sparsity / 2))
+
+
+def test_calibrate_budget_meets_realized_target():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (200,), generator=torch.Generator().manual_seed(0))
+    blocks = torch.full((4,), 0.2, dtype=torch.float64)
+    out = calibrate_budget(model, ids, [100, 100], _HalfHearted(), blocks, 0.2)
+    assert float(out.mean()) == pytest.approx(0.4, abs=0.03)
+    realized = token_sparsity(routed_forward(model, ids, [100, 100], _HalfHearted(), out).keep)
+    assert realized == pytest.approx(0.2, abs=0.01)

@@ -105,7 +105,12 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     from ftp_vllm.data.calibration import calibration_sequences
     from ftp_vllm.routing.router import StaticRouter
     from ftp_vllm.routing.schedule import SparsitySchedule
-    from ftp_vllm.training.schedule_search import SearchConfig, kl_fitness, search_schedule
+    from ftp_vllm.training.schedule_search import (
+        SearchConfig,
+        calibrate_budget,
+        kl_fitness,
+        search_schedule,
+    )
     from ftp_vllm.training.trainer import tail_positions
 
     targets = _targets(args.targets)
@@ -125,9 +130,16 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     found, history = {}, {}
     start = time.perf_counter()
     for target in targets:
-        init = [base.schedule.blocks(target)] if base and target <= base.schedule.max_target else []
+        init, budget = [], target
+        if base is not None:
+            # A learned router skips what it decides, not exactly its input: search under the
+            # nominal budget at which it realizes `target` on the tune text.
+            start_blocks = base.schedule.blocks(min(target, base.schedule.max_target))
+            init = [calibrate_budget(model, ids, lengths, router, start_blocks, target)]
+            budget = float(init[0].mean())
+            print(f"target {target:g}: router input budget {budget:.3f}", flush=True)
         fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at)
-        best, hist = search_schedule(fitness, num_layers, target, cfg, init=init)
+        best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init)
         found[target], history[f"{target:g}"] = best, [round(h, 5) for h in hist]
         print(f"target {target:g}: fitness {hist[0]:.4f} -> {hist[-1]:.4f}", flush=True)
     artifact = RouterArtifact(

@@ -91,6 +91,31 @@ def kl_fitness(
     return fitness
 
 
+@torch.no_grad()
+def calibrate_budget(
+    model: torch.nn.Module,
+    ids: Tensor,
+    lengths: list[int],
+    router: TokenRouter,
+    blocks: Tensor,
+    target: float,
+    max_block: float = 0.9,
+    rounds: int = 3,
+) -> Tensor:
+    """Rescale a schedule until the router's realized sparsity meets `target`.
+
+    A learned router decides by argmax, so the schedule (its sparsity input) and what it
+    actually skips differ; the search must spend the realized budget, not the nominal one.
+    """
+    for _ in range(rounds):
+        realized = token_sparsity(routed_forward(model, ids, lengths, router, blocks).keep)
+        if realized <= 0 or abs(realized - target) < 0.005:
+            break
+        mean = min(float(blocks.mean()) * target / realized, max_block * 0.95)
+        blocks = project_to_mean(blocks, mean, max_block)
+    return blocks
+
+
 def search_schedule(
     fitness: Fitness,
     num_layers: int,
