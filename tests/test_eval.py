@@ -157,6 +157,9 @@ def test_acc_and_acc_norm_differ_on_length():
     res = evaluate_task("toy", [item], enc, scorer, progress=False)
     assert (res.acc, res.acc_norm) == (0.0, 1.0)
     assert scorer.stats.prompts == 2
+    d = res.to_dict()
+    assert (d["pred"], d["pred_norm"], d["correct"], d["correct_norm"]) == ("0", "1", "0", "1")
+    assert d["chance"] == 0.5
 
 
 def test_shared_continuation_makes_acc_norm_equal_acc():

@@ -12,15 +12,17 @@ TASKS = ["piqa", "winogrande"]
 
 
 def _result(method, s, piqa_norm, wino_acc, *, limit=50, scorer="reference", sparsity=None,
-            schedule=None):
+            schedule=None, preds="0101010101"):
     return {
         "kind": "eval", "method": method, "sparsity_target": s, "schedule": schedule,
         "scorer": {"scorer": scorer}, "task_list": TASKS, "limit": limit, "seed": 0,
         "tasks": {
             # piqa's headline metric is acc_norm, winogrande's is acc: the other metric is
             # set to a decoy value that would change every number if it were used.
-            "piqa": {"n": limit, "acc": 0.01, "acc_norm": piqa_norm},
-            "winogrande": {"n": limit, "acc": wino_acc, "acc_norm": 0.99},
+            "piqa": {"n": limit, "acc": 0.01, "acc_norm": piqa_norm, "chance": 0.5,
+                     "pred_norm": preds, "pred": "1111111111"},
+            "winogrande": {"n": limit, "acc": wino_acc, "acc_norm": 0.99,
+                           "pred": "0101010101", "pred_norm": "1111111111"},
         },
         "sparsity": s if sparsity is None else sparsity, "flop_fraction": 1 - 0.8 * s,
         "lambada": {"perplexity": 20.0 + 10 * s},
@@ -34,7 +36,8 @@ def results_dir(tmp_path):
     d.mkdir()
     files = {
         "dense-l50.json": _result("dense", 0.0, 0.70, 0.50),
-        "ftp-s0.3-l50.json": _result("ftp", 0.3, 0.66, 0.48, sparsity=0.297),
+        "ftp-s0.3-l50.json": _result("ftp", 0.3, 0.66, 0.48, sparsity=0.297,
+                                     preds="0101010100"),
         "shortgpt-s0.3-l50.json": _result("shortgpt", 0.3, 0.56, 0.44),
         # Another group: different limit, its own dense baseline.
         "dense-l10.json": _result("dense", 0.0, 0.80, 0.60, limit=10),
@@ -54,6 +57,10 @@ def test_retention_is_routed_over_dense_of_the_same_group(results_dir):
     assert rows["dense-l50.json"]["avg"] == pytest.approx(0.60)
     assert rows["dense-l50.json"]["retention"] == pytest.approx(1.0)
     assert rows["ftp-s0.3-l50.json"]["retention"] == pytest.approx(0.57 / 0.60)
+    # Above chance: piqa's chance is recorded (0.5), winogrande's comes from the fallback.
+    assert rows["ftp-s0.3-l50.json"]["retention_above_chance"] == pytest.approx(0.07 / 0.10)
+    # Agreement pools piqa's acc_norm predictions and winogrande's acc predictions.
+    assert rows["ftp-s0.3-l50.json"]["agreement"] == pytest.approx(19 / 20)
     assert rows["shortgpt-s0.3-l50.json"]["retention"] == pytest.approx(0.50 / 0.60)
     assert rows["static-s0.4-l10.json"]["retention"] == pytest.approx(0.35 / 0.70)
     assert rows["static-s0.4-l10.json"]["baseline"] == "dense-l10.json"
@@ -70,9 +77,10 @@ def test_report_writes_table_and_plot(results_dir, tmp_path):
     ftp = next(x for x in lines if "`ftp-vllm eval --method ftp --sparsity 0.3 --limit 50`" in x
                and x.startswith("| ftp"))
     cells = [c.strip() for c in ftp.strip("|").split("|")]
-    # method, target S, sparsity, FLOPs, piqa, winogrande, avg, retention, ppl x2, command
-    assert cells[:10] == ["ftp", "0.30", "0.297", "0.760", "66.0", "48.0", "57.0", "95.0",
-                         "23.00", "-"]
+    # method, target S, sparsity, FLOPs, piqa, winogrande, avg, retention, above chance,
+    # agree, ppl passage, ppl word, command
+    assert cells[:12] == ["ftp", "0.30", "0.297", "0.760", "66.0", "48.0", "57.0", "95.0",
+                          "70.0", "95.0", "23.00", "-"]
     short = next(x for x in lines if x.startswith("| shortgpt"))
     assert "| 83.3 |" in short
     assert "piqa (acc_norm)" in text and "winogrande (acc)" in text

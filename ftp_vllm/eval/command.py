@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         ppl = perplexity(passages, encoder, scorer, chunk_tokens=args.batch_tokens,
                          progress=progress)
         lambada = {"split": "heldout", **ppl.to_dict()}
-        print(f"lambada heldout: perplexity {ppl.perplexity:.3f} over {ppl.tokens} tokens "
+        print(f"lambada heldout: passage perplexity {ppl.perplexity:.3f} over {ppl.tokens} "
+              f"tokens, last-word perplexity {ppl.word_perplexity:.3f} "
               f"(sparsity {ppl.stats.sparsity:.3f})", flush=True)
 
     result = {

@@ -102,6 +102,7 @@ class TaskResult:
     stats: ScoreStats
     seconds: float
     predictions: list[tuple[str, int, int, int]] = field(default_factory=list)  # id, label, p, pn
+    chance: float = 0.0  # expected accuracy of uniform guessing: mean of 1 / choices
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -116,11 +117,19 @@ class TaskResult:
             "prompt_tokens": self.stats.tokens,
             "seconds": self.seconds,
             "seconds_per_item": self.seconds / self.n if self.n else 0.0,
-            # Per item, in item order (fixed by task, limit and seed): 1 = correct. Lets two
-            # results files be compared item by item (paired tests).
+            "chance": self.chance,
+            # Per item, in item order (fixed by task, limit and seed): the predicted choice
+            # (one character per item, 0-9 then a-z) and 1/0 for correct. Lets two results
+            # files be compared item by item (agreement, paired tests).
+            "pred": "".join(_digit(p) for _, _, p, _ in self.predictions),
+            "pred_norm": "".join(_digit(p) for _, _, _, p in self.predictions),
             "correct": "".join(str(int(p == lab)) for _, lab, p, _ in self.predictions),
             "correct_norm": "".join(str(int(p == lab)) for _, lab, _, p in self.predictions),
         }
+
+
+def _digit(i: int) -> str:
+    return "0123456789abcdefghijklmnopqrstuvwxyz"[i] if 0 <= i < 36 else "?"
 
 
 def _chunks(sizes: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -185,6 +194,7 @@ def evaluate_task(
         stats=scorer.stats - before,
         seconds=time.perf_counter() - t0,
         predictions=predictions,
+        chance=sum(1 / len(r) for r in requests) / n if n else 0.0,
     )
 
 
