@@ -1,0 +1,77 @@
+"""`ftp-vllm serve` with no model argument: the prepared SmolLM2-135M-Instruct and the shipped
+router (or, with a clear message, its static fallback or dense serving when the build has
+none), on 127.0.0.1. Only a free port and CPU-friendly sizes are passed."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from server.settings import DEFAULT_SPARSITY, shipped_router  # noqa: E402
+from server.testing import ServerProcess, http_json, metric_sum, metric_value, scrape  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def server():
+    from ftp_vllm.model import default_model_dir, is_prepared
+
+    if not is_prepared(default_model_dir()):
+        pytest.skip("the default model is not prepared (`ftp-vllm model prepare`)")
+    work = Path(tempfile.mkdtemp(prefix="ftp-e2e-default-"))
+    env = {"FTP_VLLM_ROUTER": "", "FTP_VLLM_SPARSITY": ""}  # the defaults, whatever is set
+    srv = ServerProcess(["--max-model-len", "1024", "--self-benchmark-tokens", "48",
+                         "--self-benchmark-repeats", "1"], work / "server.log", env=env)
+    srv.start(timeout=1200)
+    yield srv
+    srv.stop()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_default_serves_smollm2_with_the_shipped_router(server):
+    status, models = http_json(f"{server.url}/v1/models")
+    assert status == 200 and models["data"][0]["id"].endswith("SmolLM2-135M-Instruct")
+    router, notes = shipped_router()
+    status, stats = http_json(f"{server.url}/ftp/stats")
+    log = server.tail(400)
+    if router is None:
+        assert not stats["routing"]["enabled"] and "served DENSE" in log
+        return
+    assert stats["routing"]["enabled"] and Path(stats["routing"]["router"]).name == router.name
+    assert stats["routing"]["default_sparsity"] == pytest.approx(
+        min(DEFAULT_SPARSITY, stats["routing"]["max_sparsity"]))
+    assert "FTP routing on: router" in log
+    for note in notes:  # the static fallback says so
+        assert note[:60] in log
+    text = scrape(server.url)
+    assert metric_value(text, "ftp_target_sparsity") == stats["routing"]["default_sparsity"]
+    assert metric_value(text, "ftp_measured_prefill_speedup") > 0
+
+
+def test_default_chat_and_routing_records(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=300,
+                           max_retries=0)
+    model = client.models.list().data[0].id
+    before = scrape(server.url)
+    r = client.chat.completions.create(
+        model=model, max_tokens=16, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in a "
+                                              "short sentence, please."}])
+    assert r.choices[0].message.content.strip()
+    after = scrape(server.url)
+    routed = metric_sum(after, "ftp_prefill_tokens_total") - metric_sum(
+        before, "ftp_prefill_tokens_total")
+    status, stats = http_json(f"{server.url}/ftp/stats")
+    if stats["routing"]["enabled"]:
+        assert routed == r.usage.prompt_tokens
+        status, body = http_json(f"{server.url}/ftp/requests/{r.id}")
+        assert status == 200 and body["records"][0]["token_sparsity"] > 0
+    else:
+        assert routed == 0
