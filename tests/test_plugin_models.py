@@ -47,10 +47,11 @@ def setup(request, tmp_path_factory):
 
     if request.param == "qwen2":
         model_dir = request.getfixturevalue("tiny_qwen2_dir")
-        vocab, lengths, tol = 256, (2, 19, 45, 120), 2e-4
+        vocab, lengths, tol = 256, (2, 19, 45, 120), (2e-4, 0.0)
     else:
         model_dir = smollm2_dir()
-        vocab, lengths, tol = 49152, (5, 33, 70), 1e-3  # 30 layers of float noise
+        # 30 layers of float noise on logprobs down to -180 (random tokens): relative 1e-4
+        vocab, lengths, tol = 49152, (5, 33, 70), (1e-3, 1e-4)
     fp, hf_model = hf_fingerprint(model_dir)
     art = make_artifact(tmp_path_factory.mktemp("art") / request.param, fp, kind="static")
     prompts = [random_prompt(n, seed=n, vocab=vocab) for n in lengths]
@@ -81,6 +82,8 @@ def test_routed_matches_reference(setup):
     llm, hf_model, artifact, prompts, _, tol = setup
     outs, masks = run(llm, prompts, params())
     for prompt, out, mask in zip(prompts, outs, masks, strict=True):
-        agree = check_against_reference(hf_model, artifact, prompt, out, mask, SPARSITY, tol)
+        agree = check_against_reference(
+            hf_model, artifact, prompt, out, mask, SPARSITY, *tol
+        )
         assert agree == 1.0  # the static router depends on positions only
     assert sum(int((~m).sum()) for m in masks) > 0
