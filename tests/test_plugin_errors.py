@@ -10,10 +10,9 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from conftest import make_tiny_checkpoint  # noqa: E402
-
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
 from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
+from tests.conftest import make_tiny_checkpoint  # noqa: E402
 from tests.test_plugin_engine import engine_kwargs  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
