@@ -283,7 +283,7 @@ def test_prompt_over_the_context_limit_is_http_400(client):
             max_tokens=4)
 
 
-def test_client_disconnect_mid_stream_aborts_the_request(server, client):
+def test_client_disconnect_mid_stream_aborts_the_request(server, client, offline):
     """The client reads three events and hangs up: vLLM aborts the request (it stops
     generating, frees its slot, and does not count it as finished), and serving goes on."""
     max_tokens = MAX_MODEL_LEN - 200
@@ -316,7 +316,9 @@ def test_client_disconnect_mid_stream_aborts_the_request(server, client):
 
     assert d("vllm:generation_tokens_total") < max_tokens / 2  # stopped early
     assert d("vllm:request_success_total") == 0  # aborted, not finished
-    assert completion(client, PROMPTS[0]).choices[0].text  # still serving
+    r = completion(client, PROMPTS[1])  # still serving, and right
+    assert r.usage.completion_tokens == MAX_TOKENS
+    assert r.choices[0].text == offline["completions"][1]
 
 
 def test_server_keeps_serving_after_faults(client, offline):
