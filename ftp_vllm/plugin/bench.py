@@ -209,6 +209,9 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ftp_vllm.plugin.bench")
     add_parser(parser.add_subparsers(dest="command", required=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["bench"]:
+        argv.insert(0, "bench")  # `python -m ftp_vllm.plugin.bench prefill ...`
     args = parser.parse_args(argv)
     return args.func(args)
 
