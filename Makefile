@@ -16,7 +16,7 @@ PIP := $(BIN)/python -m pip
 # requirement: keep its output to what it actually does.
 PIP_FILTER := { grep -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: help demo test install model lint
+.PHONY: help demo test install model lint tools
 
 help:
 	@echo "make demo   install if needed, prepare SmolLM2-135M-Instruct, print a routed generation"
@@ -26,13 +26,23 @@ demo: install model
 	@echo "==> ftp-vllm demo"
 	$(BIN)/ftp-vllm demo
 
-test: install model lint
+test: install model lint tools
 	@echo "==> pytest"
 	$(BIN)/python -m pytest || [ $$? -eq 5 ]  # 5: no tests collected
 
 lint: install
 	@echo "==> ruff check ."
 	$(BIN)/ruff check .
+
+# Prometheus (server and promtool) from Debian's packages: the deploy tests check rules and
+# alerts with promtool, the end-to-end tests scrape the server with a real Prometheus.
+tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "==> apt-get install prometheus (promtool and the server, for the tests)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "==> prometheus not installed and no root apt-get: its tests will be skipped"; fi
 
 model: install
 	@echo "==> ftp-vllm model prepare (no-op when already prepared)"
