@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -225,7 +226,8 @@ def vllm_accuracy_section(results: list[dict[str, Any]]) -> str:
 
 
 def plot_retention(results: list[dict[str, Any]], path: Path) -> Path | None:
-    """Retention vs measured sparsity per method, for the largest comparison group."""
+    """Left: accuracy retention vs measured sparsity per method; right: LAMBADA last-word
+    perplexity (log scale) vs sparsity. For the largest comparison group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,41 +242,66 @@ def plot_retention(results: list[dict[str, Any]], path: Path) -> Path | None:
         counts[r["group"]] = counts.get(r["group"], 0) + 1
     group = max(counts, key=lambda g: (counts[g], g[1] is None, g[1] or 0))
     rows = [r for r in rows if r["group"] == group]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    dense = [r for r in rows if r["result"].get("method") == "dense"]
-    by_method: dict[str, list[tuple[float, float]]] = {}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
+    dense = next((r for r in rows if r["result"].get("method") == "dense"), None)
+    dense_ppl = _word_ppl(dense["result"]) if dense else None
+    by_method: dict[str, list[tuple[float, float, float | None]]] = {}
     for r in rows:
-        m = r["result"].get("method", "?")
-        if m == "dense":
+        if r["result"].get("method") == "dense":
             continue
         label = _method_cell(r["result"])
-        by_method.setdefault(label, []).append((r["result"]["sparsity"], r["retention"]))
+        by_method.setdefault(label, []).append(
+            (r["result"]["sparsity"], r["retention"], _word_ppl(r["result"])))
+
+    def method_key(kv):
+        base = kv[0].split()[0]
+        return (METHOD_ORDER.index(base) if base in METHOD_ORDER else 99, kv[0])
+
     markers = "osD^vx*P"
-    for i, (label, pts) in enumerate(sorted(by_method.items(), key=lambda kv: (
-            METHOD_ORDER.index(kv[0].split()[0]) if kv[0].split()[0] in METHOD_ORDER else 99,
-            kv[0]))):
+    for i, (label, pts) in enumerate(sorted(by_method.items(), key=method_key)):
         pts.sort()
         base = label.split()[0]
-        xs = [0.0] + [p[0] for p in pts] if dense else [p[0] for p in pts]
-        ys = [1.0] + [p[1] for p in pts] if dense else [p[1] for p in pts]
-        ax.plot([100 * x for x in xs], [100 * y for y in ys], marker=markers[i % len(markers)],
-                label=METHOD_LABEL.get(base, label) if label == base else label)
+        name = METHOD_LABEL.get(base, label) if label == base else label
+        marker = markers[i % len(markers)]
+        xs = ([0.0] if dense else []) + [100 * p[0] for p in pts]
+        ys = ([100.0] if dense else []) + [100 * p[1] for p in pts]
+        line = ax.plot(xs, ys, marker=marker, label=name)[0]
+        ppl = [(100 * p[0], p[2]) for p in pts if p[2] is not None]
+        if dense_ppl is not None:
+            ppl.insert(0, (0.0, dense_ppl))
+        if ppl:
+            ax2.plot(*zip(*ppl, strict=True), marker=marker, color=line.get_color(), label=name)
     tx = sorted(TARGETS)
     ax.plot([100 * t for t in tx], [100 * TARGETS[t] for t in tx], ls="none", color="k",
             marker="_", ms=16, mew=1.5, label="FTP target (issue 3)")
     ax.axhline(100, color="grey", lw=0.5)
     tasks, limit, _ = group
-    ax.set_xlabel("measured token sparsity (% of prompt token x block pairs skipped)")
+    xlabel = "measured token sparsity (% of prompt token x block pairs skipped)"
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("retention (% of dense average accuracy)")
-    ax.set_title(f"SmolLM2-135M-Instruct: {', '.join(tasks)}"
+    ax.set_title(f"accuracy: {', '.join(tasks)}"
                  f"{'' if limit is None else f' ({limit} items each)'}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=7, loc="lower left")
+    if dense_ppl is not None:
+        ax2.axhline(dense_ppl, color="grey", lw=0.5)
+    ax2.set_yscale("log")
+    ax2.set_xlabel(xlabel, fontsize=8)
+    ax2.set_ylabel("LAMBADA last-word perplexity (heldout, log)")
+    ax2.set_title("perplexity (lower is better; dense at 0)", fontsize=9)
+    ax2.grid(alpha=0.3, which="both")
+    fig.suptitle("SmolLM2-135M-Instruct, reference routed forward", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _word_ppl(result: dict[str, Any]) -> float | None:
+    lam = result.get("lambada") or {}
+    x = lam.get("word_perplexity")
+    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 TEMPLATE = """# Results
@@ -311,7 +338,7 @@ round(S x L) blocks of lowest Block Influence on calibration text removed, the r
 <!-- BEGIN GENERATED: accuracy -->
 <!-- END GENERATED: accuracy -->
 
-![retention vs sparsity](retention.png)
+![retention and perplexity vs sparsity](retention.png)
 
 ## Accuracy through the vLLM engine
 
