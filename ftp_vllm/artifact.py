@@ -25,6 +25,10 @@ FORMAT = "ftp-vllm-router"
 VERSION = 1
 CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
+# Artifacts shipped inside the package, for the default model (SmolLM2-135M-Instruct).
+SHIPPED_DIR = Path(__file__).parent / "artifacts"
+DEFAULT_ARTIFACT = SHIPPED_DIR / "smollm2-135m-instruct"  # FTP: trained router + schedules
+STATIC_ARTIFACT = SHIPPED_DIR / "smollm2-135m-instruct-static"  # static router + schedules
 FINGERPRINT_KEYS = (
     "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
     "num_attention_heads", "num_key_value_heads", "vocab_size",

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from collections.abc import Sequence
+
+from ftp_vllm.artifact import DEFAULT_ARTIFACT
 
 COMMAND_MODULES: list[str] = [
     "ftp_vllm.model.prepare",  # model prepare | path
@@ -49,11 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, ValueError, OSError) as exc:
-        # Our own errors carry the reason and the fix; no traceback for them.
-        if type(exc).__module__.startswith("ftp_vllm"):
-            print(f"ftp-vllm: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        # Bad input (our errors, a bad number, a missing file) carries its reason: no traceback.
+        # FTP_VLLM_DEBUG=1 shows it anyway.
+        if os.environ.get("FTP_VLLM_DEBUG") or isinstance(exc, RuntimeError) and not type(
+            exc
+        ).__module__.startswith("ftp_vllm"):
+            raise
+        print(f"ftp-vllm: error: {exc}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 
@@ -69,56 +75,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--sparsity", type=float, default=0.3,
                       help="mean token sparsity over blocks (default 0.3)")
     demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.add_argument("--dense-edge", type=int, default=3,
-                      help="first and last blocks kept dense (default 3)")
+    demo.add_argument("--router", default=str(DEFAULT_ARTIFACT),
+                      help="router artifact (default: the shipped SmolLM2 FTP router)")
     demo.add_argument("--model", default=None, help="model folder (default: prepared SmolLM2)")
     demo.add_argument("--no-dense", action="store_true",
                       help="skip the dense generation printed for comparison")
     demo.set_defaults(func=_cmd_demo)
 
 
-def edge_dense_schedule(sparsity: float, num_layers: int, dense_edge: int = 3):
-    """[num_layers] float64 block targets with mean `sparsity`: the first and last
-    `dense_edge` blocks at 0, the middle blocks sharing the budget evenly."""
-    import torch
-
-    middle = num_layers - 2 * dense_edge
-    if middle <= 0 or dense_edge < 0:
-        raise SystemExit(f"ftp-vllm demo: --dense-edge {dense_edge} leaves no block to route "
-                         f"in a {num_layers}-block model")
-    per_block = sparsity * num_layers / middle
-    if per_block >= 1.0:
-        raise SystemExit(f"ftp-vllm demo: sparsity {sparsity} cannot be reached with "
-                         f"{2 * dense_edge} dense blocks (the middle ones would need "
-                         f"{per_block:.2f})")
-    blocks = torch.zeros(num_layers, dtype=torch.float64)
-    blocks[dense_edge : num_layers - dense_edge] = per_block
-    return blocks
-
-
 def _cmd_demo(args: argparse.Namespace) -> None:
     import torch
 
+    from ftp_vllm.artifact import load_artifact, model_fingerprint
     from ftp_vllm.model import chat_prompt_ids, ensure_model, load_model
     from ftp_vllm.reference import greedy_generate
-    from ftp_vllm.routing.router import DenseRouter, StaticRouter
+    from ftp_vllm.routing.router import DenseRouter
 
-    if not 0.0 <= args.sparsity < 1.0:
-        raise SystemExit(f"ftp-vllm demo: --sparsity must lie in [0, 1), got {args.sparsity}")
     path = ensure_model(args.model)
+    artifact = load_artifact(args.router)
+    args.sparsity = artifact.schedule.validate(args.sparsity)
     print(f"loading {path}", flush=True)
     model, tokenizer = load_model(path, dtype=torch.float32)
+    artifact.check_model(model_fingerprint(model.config, model.model.norm.weight), args.router)
     torch.manual_seed(0)
     prompt_ids = chat_prompt_ids(tokenizer, args.prompt)
     num_layers = model.config.num_hidden_layers
-    # No trained router ships yet: FTP's training-free static router, with the first and last
-    # blocks dense (FTP.md: only ~40% of tokens pass them nearly unchanged) and the budget
-    # spread evenly over the middle blocks.
-    blocks = edge_dense_schedule(args.sparsity, num_layers, args.dense_edge)
+    blocks = artifact.schedule.blocks(args.sparsity)
+    router = artifact.router
     eos = tokenizer.eos_token_id
     print(f"prompt ({prompt_ids.numel()} tokens): {args.prompt!r}")
 
-    runs = [("routed", "static router", StaticRouter(), blocks)]
+    runs = [("routed", f"{artifact.kind} router of {args.router}", router, blocks)]
     if not args.no_dense:
         runs.insert(0, ("dense", "no routing", DenseRouter(),
                         torch.zeros(num_layers, dtype=torch.float64)))
@@ -133,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         per_block = 1.0 - keep.float().mean(dim=1)
         text = tokenizer.decode(result.tokens, skip_special_tokens=True)
         outputs[label] = result.tokens
-        target = float(sched.mean())
+        target = args.sparsity if label == "routed" else 0.0
         print(f"\n== {label} ({how}, target sparsity {target:.2f}) "
               f"{len(result.tokens)} tokens in {elapsed:.1f} s")
         print(text.strip())
