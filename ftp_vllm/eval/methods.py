@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import ftp_vllm
+from ftp_vllm.artifact import DEFAULT_ARTIFACT
 from ftp_vllm.eval.scoring import ReferenceScorer
 from ftp_vllm.routing.router import DenseRouter, RandomRouter, StaticRouter, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
@@ -30,13 +31,7 @@ from ftp_vllm.routing.schedule import SparsitySchedule
 METHODS = ("dense", "ftp", "static", "static-uniform", "random", "shortgpt")
 DEFAULT_SCHEDULE = {"ftp": "searched", "static": "searched", "static-uniform": "uniform",
                     "random": "uniform"}
-ARTIFACT_NAME = "smollm2-135m-instruct"
 REPO_ROOT = Path(ftp_vllm.__file__).resolve().parent.parent
-
-
-def default_artifact() -> Path:
-    """The router artifact shipped in the package for the default model."""
-    return Path(ftp_vllm.__file__).resolve().parent / "artifacts" / ARTIFACT_NAME
 
 
 def display_path(path: Path | str) -> str:
@@ -105,7 +100,7 @@ def build_method(
     if method == "ftp" or kind == "searched":
         art = _load_artifact(artifact, model)
         info["router_artifact"] = {
-            "path": display_path(artifact or default_artifact()),
+            "path": display_path(artifact or DEFAULT_ARTIFACT),
             "kind": art.kind,
             "schedules": art.schedule.targets,
             "provenance": art.provenance,
@@ -119,7 +114,7 @@ def build_method(
     if method == "ftp":
         if art.kind != "mlp":
             raise ValueError(f"--method ftp needs a trained (mlp) router artifact; "
-                             f"{display_path(artifact or default_artifact())} holds a "
+                             f"{display_path(artifact or DEFAULT_ARTIFACT)} holds a "
                              f"{art.kind} router")
         router = art.router
     elif method in ("static", "static-uniform"):
@@ -136,7 +131,7 @@ def build_method(
 def _load_artifact(path: Path | str | None, model: nn.Module):
     from ftp_vllm.artifact import load_artifact, model_fingerprint
 
-    path = Path(path) if path is not None else default_artifact()
+    path = Path(path) if path is not None else DEFAULT_ARTIFACT
     art = load_artifact(path)
     art.check_model(model_fingerprint(model.config, model.model.norm.weight), path)
     return art
