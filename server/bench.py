@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for the server this starts (default 2048)")
     p.add_argument("--dtype", default="float32", help="for the server this starts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="dense/routed pairs, order alternating (ABBA) against drift; the "
+                        "summary takes per-mode medians (default 2)")
     p.add_argument("--vanilla", action="store_true",
                    help="also benchmark a plain vLLM server (--no-routing) of the same model")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -136,12 +139,16 @@ def _routing_delta(before: dict[str, float], after: dict[str, float]) -> dict[st
 def bench_modes(base_url: str, model: str, tokenizer: str, opts: argparse.Namespace,
                 modes: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
     runs = []
-    for label, sparsity in modes:
+    order = []
+    for i in range(max(1, getattr(opts, "rounds", 1))):
+        order += [(i, m) for m in (modes if i % 2 == 0 else modes[::-1])]
+    for rnd, (label, sparsity) in order:
         before = _ftp_snapshot(base_url)
         body = None if sparsity is None else {"vllm_xargs": {"ftp_sparsity": sparsity}}
         t0 = time.perf_counter()
         metrics = run_client(base_url, model, tokenizer, opts, body, label)
-        runs.append({"mode": label, "sparsity": sparsity, "wall_s": time.perf_counter() - t0,
+        runs.append({"mode": label, "round": rnd, "sparsity": sparsity,
+                     "wall_s": time.perf_counter() - t0,
                      **metrics, "routing": _routing_delta(before, _ftp_snapshot(base_url))})
     return runs
 
@@ -222,9 +229,17 @@ def _cpus() -> int | None:
         return os.cpu_count()
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    import statistics
+
+    keys = {k for r in runs for k, v in r.items() if isinstance(v, int | float)
+            and not isinstance(v, bool)}
+    return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {r["mode"]: r for r in runs}
-    d, r = by.get("dense"), by.get("routed")
+    d = _median_run([x for x in runs if x["mode"] == "dense"])
+    r = _median_run([x for x in runs if x["mode"] == "routed"])
     if not d or not r:
         return {}
 
@@ -232,6 +247,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return a / b if a and b else None
 
     return {
+        "rounds": len([x for x in runs if x["mode"] == "routed"]),
         "median_ttft_speedup": ratio(d.get("median_ttft_ms"), r.get("median_ttft_ms")),
         "mean_e2el_speedup": ratio(d.get("mean_e2el_ms"), r.get("mean_e2el_ms")),
         "request_throughput_ratio": ratio(r.get("request_throughput"),
@@ -264,16 +280,16 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
         ". **dense** and **routed** are the same server and engine, the requests asking "
         f"`ftp_sparsity` 0 or the target{vanilla}. Latencies in ms.",
         "",
-        "| mode | target | measured sparsity | FLOP speedup | req/s | tok/s (in+out) | "
+        "| mode | round | target | measured sparsity | FLOP speedup | req/s | tok/s (in+out) | "
         "TTFT median | TTFT p99 | TPOT median | E2E mean | failed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rec["runs"]:
         rt = r.get("routing") or {}
         meas = rt.get("token_sparsity") if r.get("sparsity") else None
         target = "-" if r.get("sparsity") is None else f"{r['sparsity']:g}"
         lines.append(
-            f"| {r['mode']} | {target} | "
+            f"| {r['mode']} | {r.get('round', 0)} | {target} | "
             f"{_f(meas, 3) if meas is not None else '-'} | "
             f"{_f(rt.get('mean_request_flop_speedup'), 2) if r.get('sparsity') else '-'} | "
             f"{_f(r.get('request_throughput'), 2)} | {_f(r.get('total_token_throughput'))} | "
@@ -282,7 +298,9 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
             f"{r.get('failed', 0)} |")
     s = rec.get("summary") or {}
     if s:
-        lines += ["", f"Routed over dense: median TTFT {_f(s.get('median_ttft_speedup'), 2)}x "
+        lines += ["", f"Routed over dense (medians over {s.get('rounds', 1)} round(s) of "
+                      "each mode, run in alternating order): median TTFT "
+                      f"{_f(s.get('median_ttft_speedup'), 2)}x "
                       f"faster, mean end-to-end latency {_f(s.get('mean_e2el_speedup'), 2)}x, "
                       f"request throughput {_f(s.get('request_throughput_ratio'), 2)}x."]
     return "\n".join(lines) + "\n"

@@ -330,6 +330,6 @@ def test_bench_markdown_section():
               "hardware": {"machine": "x86_64", "cpus": 2}, "server": {"model": "m"},
               "runs": runs, "summary": summarize(runs)}
     md = markdown_section([{"kind": "eval"}, record])
-    assert "| routed | 0.3 | 0.310 | 1.40 | 2.50 |" in md
+    assert "| routed | 0 | 0.3 | 0.310 | 1.40 | 2.50 |" in md
     assert "median TTFT 1.50x" in md
     assert "No serving benchmark" in markdown_section([])
