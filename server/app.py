@@ -77,16 +77,20 @@ def prepare_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Routing]:
     args = parser.parse_args(list(argv))
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
-    model_given = args.model is not None
-    if not model_given:
-        from ftp_vllm.model import ensure_model
+    from pathlib import Path
 
+    from ftp_vllm.model import default_model_dir, ensure_model
+
+    if args.model is None:
         args.model = str(ensure_model())
+    # The default model, named or not, gets the shipped router.
+    default = Path(args.model).expanduser().resolve() == default_model_dir().resolve()
     routing, overrides = resolve_routing(
-        model_given=model_given, router=args.router, sparsity=args.sparsity,
+        model_given=not default, router=args.router, sparsity=args.sparsity,
         no_routing=args.no_routing, hf_overrides=args.hf_overrides,
     )
-    args.hf_overrides = overrides
+    if overrides is not None:  # else vLLM's own default (an empty dict) stays
+        args.hf_overrides = overrides
     for name, low in (("self_benchmark_tokens", 2), ("self_benchmark_prompts", 1),
                       ("self_benchmark_repeats", 1)):
         if getattr(args, name) < low:

@@ -333,3 +333,28 @@ def test_bench_markdown_section():
     assert "| routed | 0 | 0.3 | 0.310 | 1.40 | 2.50 |" in md
     assert "median TTFT 1.50x" in md
     assert "No serving benchmark" in markdown_section([])
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_serve_arguments_reach_vllm(tmp_path, artifact, monkeypatch):
+    """vLLM's serve parser + the FTP flags: routing lands in --hf-overrides, every other flag
+    passes through, routing off leaves vLLM's own default."""
+    pytest.importorskip("vllm")
+    from server.app import prepare_args
+
+    monkeypatch.delenv(S.ENV_ROUTER, raising=False)
+    monkeypatch.delenv(S.ENV_SPARSITY, raising=False)
+    model = tmp_path / "m"
+    args, routing = prepare_args([str(model), "--router", str(artifact), "--sparsity", "0.2",
+                                  "--port", "8123", "--max-model-len", "512",
+                                  "--hf-overrides", '{"rope_theta": 5.0}'])
+    assert args.model == str(model) and args.port == 8123 and args.max_model_len == 512
+    assert args.hf_overrides["architectures"] == ["FTPLlamaForCausalLM"]
+    assert args.hf_overrides["ftp_sparsity"] == 0.2 and args.hf_overrides["rope_theta"] == 5.0
+    args, routing = prepare_args(["--model", str(model), "--no-routing"])
+    assert not routing.enabled and args.hf_overrides == {}
+    args, routing = prepare_args([str(model)])  # a model of the caller's: no default router
+    assert not routing.enabled and args.hf_overrides == {}
+    with pytest.raises(ValueError, match="sparsity"):
+        prepare_args([str(model), "--router", str(artifact), "--sparsity", "0.9"])
