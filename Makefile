@@ -1,6 +1,7 @@
 # ftp-vllm set-up. Two commands do everything (README.md):
-#   make demo   install if needed, prepare the default model, print a routed generation
+#   make serve  install if needed, prepare the default model, serve it routed on port 8000
 #   make test   install if needed, prepare the default model, ruff check, pytest
+# make demo prints one routed generation next to the dense one, without a server.
 # The steps below them (install, model) are idempotent and may be run alone.
 
 SHELL := /bin/bash
@@ -16,11 +17,16 @@ PIP := $(BIN)/python -m pip
 # requirement: keep its output to what it actually does.
 PIP_FILTER := { grep -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: help demo test install model lint tools
+.PHONY: help serve demo test install model lint tools
 
 help:
+	@echo "make serve  install if needed, prepare SmolLM2-135M-Instruct, serve it routed (port 8000)"
 	@echo "make demo   install if needed, prepare SmolLM2-135M-Instruct, print a routed generation"
 	@echo "make test   install if needed, prepare the model, run ruff check and pytest"
+
+serve: install model
+	@echo "==> ftp-vllm serve (OpenAI API and /metrics on port 8000; Ctrl-C stops)"
+	$(BIN)/ftp-vllm serve
 
 demo: install model
 	@echo "==> ftp-vllm demo"
