@@ -153,6 +153,17 @@ def bench_modes(base_url: str, model: str, tokenizer: str, opts: argparse.Namesp
     return runs
 
 
+def _router_name(base_url: str) -> str | None:
+    """The artifact the server really routes with (folder name and kind)."""
+    from server.testing import http_json
+
+    status, body = http_json(f"{base_url}/ftp/stats")
+    routing = body.get("routing", {}) if status == 200 and isinstance(body, dict) else {}
+    if not routing.get("enabled"):
+        return None
+    return f"{Path(routing['router']).name} ({routing.get('kind')})"
+
+
 def _served_model(base_url: str) -> str:
     from server.testing import http_json
 
@@ -187,7 +198,8 @@ def main(argv: Sequence[str]) -> int:
     runs: list[dict[str, Any]] = []
     if opts.url:
         model = _served_model(opts.url)
-        record["server"] = {"url": "given", "model": Path(model).name}
+        record["server"] = {"url": "given", "model": Path(model).name,
+                            "router": _router_name(opts.url)}
         runs = bench_modes(opts.url, model, opts.model or model, opts, [
             ("dense", 0.0), ("routed", opts.sparsity)])
     else:
@@ -203,6 +215,7 @@ def main(argv: Sequence[str]) -> int:
         record["server"] = {"model": Path(model).name, "args": routed_args[1:],
                             "router": Path(opts.router).name if opts.router else "shipped"}
         with ServerProcess(routed_args, logs / "routed.log").start(opts.timeout) as srv:
+            record["server"]["router"] = _router_name(srv.url)
             runs = bench_modes(srv.url, _served_model(srv.url), model, opts, [
                 ("dense", 0.0), ("routed", opts.sparsity)])
         if opts.vanilla:
@@ -274,6 +287,7 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
         f"vLLM's benchmark client (`vllm bench serve`) against `ftp-vllm serve` "
         f"(vLLM {rec.get('vllm', '?')}, {hw.get('machine', '?')}, {hw.get('cpus', '?')} CPUs"
         f"{', model ' + rec['server']['model'] if rec.get('server', {}).get('model') else ''}"
+        f"{', router ' + rec['server']['router'] if rec.get('server', {}).get('router') else ''}"
         f"): {w['num_prompts']} random prompts of {w['input_len']} tokens, {w['output_len']} "
         f"output tokens each, request rate {w['request_rate']}"
         f"{', max concurrency ' + str(w['max_concurrency']) if w.get('max_concurrency') else ''}"
