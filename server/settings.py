@@ -56,9 +56,9 @@ class Routing:
 
 
 def artifacts_dir() -> Path:
-    import ftp_vllm
+    from ftp_vllm.artifact import SHIPPED_DIR
 
-    return Path(ftp_vllm.__file__).resolve().parent / "artifacts"
+    return Path(SHIPPED_DIR)
 
 
 def shipped_router() -> tuple[Path | None, list[str]]:
