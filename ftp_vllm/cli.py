@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.training.command",  # schedule, train
     "ftp_vllm.eval.command",  # eval
     "ftp_vllm.eval.report",  # report
+    "ftp_vllm.plugin.bench",  # bench prefill
     "ftp_vllm.cli",  # demo (below)
     "server.command",  # serve, serve-bench
 ]

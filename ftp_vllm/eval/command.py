@@ -57,6 +57,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--output", type=Path, default=None,
                    help="results file (default results/<method>[-s<S>]-l<limit>.json)")
+    p.add_argument("--engine", choices=["reference", "vllm"], default="reference",
+                   help="score with the reference routed forward (default) or through the vLLM "
+                   "engine with the plugin (dense, ftp and static methods)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -70,6 +73,8 @@ def default_output(args: argparse.Namespace) -> Path:
                                   "random": "uniform"}[args.method]:
             name += f"-{args.schedule}"
     name += f"-l{args.limit}" if args.limit else "-all"
+    if args.engine != "reference":
+        name += f"-{args.engine}"
     return Path("results") / f"{name}.json"
 
 
@@ -83,6 +88,8 @@ def canonical_command(args: argparse.Namespace, output: Path) -> str:
     if args.schedule is not None:
         parts += ["--schedule", args.schedule]
     parts += ["--tasks", args.tasks]
+    if args.engine != "reference":
+        parts += ["--engine", args.engine]
     if args.limit is not None:
         parts += ["--limit", str(args.limit)]
     if args.seed:
@@ -93,6 +100,19 @@ def canonical_command(args: argparse.Namespace, output: Path) -> str:
         parts += ["--calibration-passages", str(args.calibration_passages)]
     parts += ["--output", display_path(output)]
     return shlex.join(parts)
+
+
+def _vllm_scorer(args: argparse.Namespace, model_dir: Path, info: dict[str, Any]):
+    """The vLLM-engine scorer of a method the plugin serves: its searched schedule."""
+    from ftp_vllm.artifact import DEFAULT_ARTIFACT, STATIC_ARTIFACT
+    from ftp_vllm.eval.vllm_scorer import VLLMScorer
+
+    if args.method not in ("dense", "ftp", "static") or info.get("schedule", "searched") != \
+            "searched":
+        raise ValueError("--engine vllm serves dense, ftp and static (searched schedule) only")
+    default = DEFAULT_ARTIFACT if args.method == "ftp" else STATIC_ARTIFACT
+    artifact = None if args.method == "dense" else (args.router or default)
+    return VLLMScorer(model_dir, artifact, args.sparsity if artifact else 0.0)
 
 
 def git_state() -> dict[str, Any]:
@@ -141,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                          schedule=args.schedule, seed=args.seed,
                          batch_tokens=args.batch_tokens, calibration=calibration)
     scorer = setup.scorer
+    if args.engine == "vllm":
+        scorer = _vllm_scorer(args, path, setup.info)
     progress = not args.no_progress
 
     per_task: dict[str, Any] = {}
