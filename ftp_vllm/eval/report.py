@@ -225,6 +225,20 @@ def vllm_accuracy_section(results: list[dict[str, Any]]) -> str:
     return accuracy_table(rows)
 
 
+@register_section("bench")
+def bench_section(results: list[dict[str, Any]]) -> str:
+    from ftp_vllm.plugin.bench import markdown_section
+
+    return markdown_section(results)
+
+
+@register_section("serve-bench")
+def serve_bench_section(results: list[dict[str, Any]]) -> str:
+    from server.bench import markdown_section
+
+    return markdown_section(results)
+
+
 def plot_retention(results: list[dict[str, Any]], path: Path) -> Path | None:
     """Left: accuracy retention vs measured sparsity per method; right: LAMBADA last-word
     perplexity (log scale) vs sparsity. For the largest comparison group."""
@@ -345,10 +359,15 @@ round(S x L) blocks of lowest Block Influence on calibration text removed, the r
 <!-- BEGIN GENERATED: vllm-accuracy -->
 <!-- END GENERATED: vllm-accuracy -->
 
-## Prefill benchmarks
+## Prefill benchmark (vLLM engine, vanilla vs routed, same run)
 
-<!-- Reserved for the benchmark command: register a section generator named "bench" in
-ftp_vllm/eval/report.py (results files of its own kind), or write this part by hand. -->
+<!-- BEGIN GENERATED: bench -->
+<!-- END GENERATED: bench -->
+
+## Serving benchmark (`vllm bench serve`, routed vs dense server)
+
+<!-- BEGIN GENERATED: serve-bench -->
+<!-- END GENERATED: serve-bench -->
 """
 
 _MARKER = re.compile(

@@ -24,6 +24,7 @@ from typing import Any
 
 DEFAULT_SPARSITIES = (0.0, 0.22, 0.3, 0.4)
 DEFAULT_LENGTHS = (512, 1024, 2048)
+KIND = "bench-prefill"  # results files of this kind feed docs/RESULTS.md
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -55,9 +56,9 @@ def _static_artifact(model_dir: Path, sparsities: list[float], out: Path) -> Pat
 
 
 def _default_router() -> Path | None:
-    root = Path(__file__).resolve().parents[1] / "artifacts"
-    found = sorted(p.parent for p in root.glob("*/router.json"))
-    return found[0] if found else None
+    from ftp_vllm.artifact import DEFAULT_ARTIFACT
+
+    return DEFAULT_ARTIFACT if (DEFAULT_ARTIFACT / "router.json").exists() else None
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str, Any]]:
@@ -158,7 +159,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         point["decode_tok_s"] = args.prompts * args.decode_tokens / max(t_all - t_prefill, 1e-9)
         return point
 
-    results: dict[str, Any] = {"model": str(model_dir), "router": str(router), "points": {}}
+    from ftp_vllm.eval.methods import display_path
+
+    results: dict[str, Any] = {
+        "kind": KIND,
+        "model": Path(model_dir).name,
+        "router": display_path(router),
+        "command": "ftp-vllm " + " ".join(sys.argv[1:]),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     print(f"vanilla vLLM (default mode): {model_dir}", file=sys.stderr)
     llm = _engine(model_dir, max_len, args.dtype, None)
     vanilla = measure(llm, None, stats=False)
@@ -187,6 +197,19 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     results["rows"] = rows
     results["vanilla_decode_tok_s"] = vanilla["decode_tok_s"]
     return results
+
+
+def markdown_section(results: list[dict[str, Any]]) -> str:
+    """Markdown for the latest prefill benchmark (a `ftp_vllm.eval.report` section)."""
+    rows = [r for r in results if r.get("kind") == KIND]
+    if not rows:
+        return "_No prefill benchmark yet: run `ftp-vllm bench prefill --json ...`._\n"
+    rec = max(rows, key=lambda r: r.get("created", ""))
+    return (
+        f"`{rec['command']}` ({rec['device']}, {rec['model']}, router `{rec['router']}`, "
+        f"vanilla decode {rec['vanilla_decode_tok_s']:.1f} tok/s)\n\n"
+        + format_table(rec) + "\n"
+    )
 
 
 def format_table(results: dict[str, Any]) -> str:
