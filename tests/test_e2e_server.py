@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import gc
 import http.client
 import json
 import os
@@ -28,6 +27,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from ftp_vllm.plugin.testing import shutdown_engine  # noqa: E402
 from server.testing import (  # noqa: E402
     HOST,
     ServerProcess,
@@ -102,12 +102,7 @@ def offline(model_dir, router_dir):
         "dense": [o.outputs[0].text for o in llm.generate(PROMPTS, dense)],
         "chat": [llm.chat(m, params)[0].outputs[0].text for m in CHATS],
     }
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-    del llm
-    gc.collect()
+    shutdown_engine(llm)
     assert out["completions"] != out["dense"], "routing changed no output: a weak test"
     return out
 

@@ -8,8 +8,6 @@ the plugin must switch off.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ from ftp_vllm.plugin.testing import (  # noqa: E402
     masks_by_request,
     prompt_logprobs,
     reference_logprobs,
+    shutdown_engine,
 )
 from ftp_vllm.reference import greedy_generate, routed_forward  # noqa: E402
 from ftp_vllm.routing.router import MaskRouter  # noqa: E402
@@ -56,13 +55,7 @@ def params(sparsity=None, prompt_logprobs=0, max_tokens=MAX_NEW):
     )
 
 
-def shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-    del llm
-    gc.collect()
+shutdown = shutdown_engine
 
 
 @pytest.fixture(scope="module")

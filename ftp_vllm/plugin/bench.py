@@ -14,7 +14,6 @@ of the same requests (from the plugin's statistics).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import tempfile
@@ -89,15 +88,6 @@ def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None
     return LLM(str(model_dir), **kw)
 
 
-def _shutdown(llm: Any) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:  # noqa: BLE001
-        pass
-    del llm
-    gc.collect()
-
-
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import os
 
@@ -110,6 +100,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
 
     from ftp_vllm.plugin import routing_overrides
+    from ftp_vllm.plugin.testing import shutdown_engine
 
     if args.model is None:
         from ftp_vllm.model.prepare import ensure_model
@@ -172,12 +163,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"vanilla vLLM (default mode): {model_dir}", file=sys.stderr)
     llm = _engine(model_dir, max_len, args.dtype, None)
     vanilla = measure(llm, None, stats=False)
-    _shutdown(llm)
+    shutdown_engine(llm)
     print(f"routed vLLM: router {router}", file=sys.stderr)
     max_s = max(args.sparsities)
     llm = _engine(model_dir, max_len, args.dtype, routing_overrides(router, max_s))
     routed = {s: measure(llm, s, stats=True) for s in args.sparsities}
-    _shutdown(llm)
+    shutdown_engine(llm)
     tmp.cleanup()
 
     rows = []

@@ -15,7 +15,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from ftp_vllm.artifact import ArtifactError, RouterArtifact, load_artifact
+from ftp_vllm.artifact import RouterArtifact, load_artifact
 from ftp_vllm.plugin import ROUTER_KEY, SPARSITY_KEY
 
 logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
@@ -47,17 +47,7 @@ def routing_settings(hf_config: Any) -> RoutingSettings:
     shape = {k: _cfg_get(hf_config, k) for k in SHAPE_KEYS}
     if shape["num_key_value_heads"] is None:
         shape["num_key_value_heads"] = shape["num_attention_heads"]
-    diffs = [
-        f"{k}: artifact {artifact.fingerprint.get(k)!r}, model {v!r}"
-        for k, v in shape.items()
-        if artifact.fingerprint.get(k) != v
-    ]
-    if diffs:
-        raise ArtifactError(
-            path,
-            "made for another model (" + "; ".join(diffs) + ")",
-            "Use the artifact trained for this model",
-        )
+    artifact.check_model(shape, path)  # the weights' hash is checked in the worker
     raw = getattr(hf_config, SPARSITY_KEY, 0.0)
     try:
         sparsity = artifact.schedule.validate(raw)

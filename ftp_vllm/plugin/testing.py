@@ -58,6 +58,18 @@ def make_artifact(
     return artifact.save(path)
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop an offline `LLM`'s engine processes now (CPU workers busy-poll until stopped)."""
+    import gc
+
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:  # noqa: BLE001
+        pass
+    del llm
+    gc.collect()
+
+
 def external_id(internal_id: str) -> str:
     """vLLM's engine appends '-<random>' to a request id; the caller's id is the rest."""
     return internal_id.rsplit("-", 1)[0]
