@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ftp_vllm.eval.scoring import Request, Scorer, ScoreStats
+from ftp_vllm.eval.scoring import Request, Scorer, ScoreStats, pack
 
 DEFAULT_CHUNK_TOKENS = 512
 
@@ -132,21 +132,6 @@ def _digit(i: int) -> str:
     return "0123456789abcdefghijklmnopqrstuvwxyz"[i] if 0 <= i < 36 else "?"
 
 
-def _chunks(sizes: Sequence[int], max_tokens: int) -> list[list[int]]:
-    out: list[list[int]] = []
-    cur: list[int] = []
-    total = 0
-    for i, n in enumerate(sizes):
-        if cur and total + n > max_tokens:
-            out.append(cur)
-            cur, total = [], 0
-        cur.append(i)
-        total += n
-    if cur:
-        out.append(cur)
-    return out
-
-
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -172,7 +157,7 @@ def evaluate_task(
     correct = correct_norm = 0
     predictions = []
     with _progress(len(items), task, progress) as bar:
-        for chunk in _chunks(sizes, chunk_tokens):
+        for chunk in pack(sizes, chunk_tokens):
             flat = [r for i in chunk for r in requests[i]]
             lls = scorer.logprobs(flat)
             pos = 0
@@ -282,7 +267,7 @@ def perplexity(
     per_token = getattr(scorer, "token_logprobs", None)
     prefix = encoder.prefix_token_id
     with _progress(len(passages), desc, progress) as bar:
-        for chunk in _chunks([1 + len(c) + len(w) for c, w in pairs], chunk_tokens):
+        for chunk in pack([1 + len(c) + len(w) for c, w in pairs], chunk_tokens):
             whole = [([prefix], pairs[i][0] + pairs[i][1]) for i in chunk]
             if per_token is not None:
                 for i, lps in zip(chunk, per_token(whole), strict=True):
