@@ -92,7 +92,7 @@ def test_report_writes_table_and_plot(results_dir, tmp_path):
 
 
 def test_regenerating_keeps_hand_written_text(results_dir, tmp_path):
-    doc = TEMPLATE.replace("## Prefill benchmarks", "A note by hand.\n\n## Prefill benchmarks")
+    doc = TEMPLATE.replace("## Serving benchmark", "A note by hand.\n\n## Serving benchmark")
     doc = doc.replace("<!-- END GENERATED: accuracy -->",
                       "stale row\n<!-- END GENERATED: accuracy -->")
     once = render(doc, load_results(results_dir))
@@ -102,6 +102,7 @@ def test_regenerating_keeps_hand_written_text(results_dir, tmp_path):
 
 def test_canonical_command_and_default_output():
     args = argparse.Namespace(method="static", sparsity=0.3, router=None, schedule="uniform",
+                              engine="reference",
                               tasks="piqa,arc_easy", limit=50, seed=0, ppl_passages=32,
                               calibration_passages=64)
     out = default_output(args)
