@@ -39,6 +39,8 @@ def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from ftp_vllm.plugin.testing import with_random_norms
+
     cfg_src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -49,12 +51,7 @@ def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0,
         eos_token_id=cfg_src.get("eos_token_id"),
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model = model.float().eval()
-    model.config.torch_dtype = torch.float32
+    model = with_random_norms(model)
     path = Path(path)
     model.save_pretrained(path)
     for f in TOKENIZER_FILES:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftp_vllm.plugin.testing import with_random_norms
+
 # vLLM on the CPU: a small KV cache keeps engine start-up fast in tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -31,12 +33,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overr
         model = Qwen2ForCausalLM(Qwen2Config(**kw))
     else:
         raise ValueError(arch)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model = model.float().eval()
-    model.config.torch_dtype = torch.float32
+    model = with_random_norms(model)
     model.save_pretrained(path)
     return Path(path)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from ftp_vllm.plugin.testing import with_random_norms
+
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -20,9 +22,4 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
         model = Qwen2ForCausalLM(Qwen2Config(**TINY, rope_theta=10000.0))
     else:
         raise ValueError(arch)
-    # Random init makes norms all-ones: perturb them so the fingerprint and math see real values.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.float().eval()
+    return with_random_norms(model)

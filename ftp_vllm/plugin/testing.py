@@ -34,6 +34,18 @@ def scored_mlp_router(seed: int = 0, bias: float = -0.5) -> MLPRouter:
     return router.eval()
 
 
+def with_random_norms(model: Any) -> Any:
+    """A freshly initialised model (all-ones norms) made fp32, eval, with perturbed norm
+    weights, so fingerprints and routed math see real values."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.float().eval()
+    model.config.torch_dtype = torch.float32
+    return model
+
+
 def hf_fingerprint(model_dir: str | Path) -> tuple[dict[str, Any], Any]:
     """(fingerprint, fp32 HF model) of a checkpoint folder."""
     from transformers import AutoModelForCausalLM
