@@ -1,7 +1,8 @@
 """Per-request sparsity, checked in the API process before vLLM sees the request.
 
 Clients ask for their own target with vLLM's per-request extra arguments:
-``{"vllm_xargs": {"ftp_sparsity": 0.2}}`` (0: dense). vLLM copies
+``{"vllm_xargs": {"ftp_sparsity": 0.2}}`` (0 or null: dense). The rule is
+``ftp_vllm.contract.validate_sparsity``, the same function the worker applies. vLLM copies
 ``vllm_xargs`` into ``SamplingParams.extra_args`` and validates it only as "str, int, float
 or list", and a streaming request would only fail after its 200 response has started. So a
 pure ASGI middleware reads the JSON body of POST requests that mention ``ftp_sparsity``,
@@ -14,12 +15,13 @@ so vLLM still sees a client that disconnects.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-KEY = "ftp_sparsity"
-XARGS = "vllm_xargs"
+from ftp_vllm.contract import SPARSITY_KEY, XARGS_KEY, validate_sparsity
+
+KEY = SPARSITY_KEY
+XARGS = XARGS_KEY
 MAX_BODY = 64 * 1024 * 1024  # larger bodies are passed on unchecked (vLLM limits them)
 
 Scope = dict[str, Any]
@@ -28,18 +30,14 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 def check_request_sparsity(value: Any, max_sparsity: float, routing_on: bool) -> str | None:
-    """None if `value` is an acceptable ``ftp_sparsity``, else the reason it is not."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return (f"{XARGS}.{KEY} must be a JSON number in [0, {max_sparsity:g}], got "
-                f"{json.dumps(value)}")
-    if not math.isfinite(value) or not 0.0 <= value <= max_sparsity + 1e-9:
-        if not routing_on and value != 0:
-            return (f"{XARGS}.{KEY}={value:g}: this server runs without FTP routing, only 0 "
-                    "(dense) or null is accepted")
-        return (f"{XARGS}.{KEY}={value:g} is outside [0, {max_sparsity:g}], the range the "
-                "served router artifact was tuned for")
+    """None if `value` is an acceptable ``ftp_sparsity``, else the reason it is not.
+
+    The rule is ``ftp_vllm.contract.validate_sparsity``, the function the worker applies too.
+    """
+    try:
+        validate_sparsity(value, max_sparsity if routing_on else 0.0)
+    except ValueError as e:
+        return f"{XARGS}.{e}"
     return None
 
 

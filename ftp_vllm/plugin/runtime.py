@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from vllm.logger import init_logger
 
+from ftp_vllm.contract import request_sparsity
 from ftp_vllm.flops import BlockShape
-from ftp_vllm.plugin import SPARSITY_KEY
 from ftp_vllm.plugin.stats import RoutingStats
 from ftp_vllm.routing.layout import TokenLayout
 from ftp_vllm.routing.router import RouterInputs, TokenRouter
@@ -44,17 +44,10 @@ def get_runtime() -> RoutingRuntime | None:
 def parse_request_sparsity(extra_args: Any, schedule: SparsitySchedule, default: float) -> float:
     """A request's target from ``extra_args['ftp_sparsity']``; ValueError if malformed.
 
-    Absent -> the default; None -> 0 (dense). The server validates with this same function
-    before admitting a request (HTTP 400), so the worker never sees a bad value.
+    Absent -> the default; None -> 0 (dense). The rule is ``ftp_vllm.contract``'s, which the
+    server also applies before admitting a request (HTTP 400), so the two cannot disagree.
     """
-    if not extra_args or SPARSITY_KEY not in extra_args:
-        return default
-    value = extra_args[SPARSITY_KEY]
-    if value is None:
-        return 0.0
-    if isinstance(value, bool):
-        raise ValueError(f"{SPARSITY_KEY} must be a number, got {value!r}")
-    return schedule.validate(value)
+    return request_sparsity(extra_args, schedule.max_target, default)
 
 
 @dataclass

@@ -1,0 +1,95 @@
+"""The one rule for a request's ``ftp_sparsity``, and that server and worker both apply it."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from ftp_vllm.contract import SPARSITY_KEY, request_sparsity, validate_sparsity
+
+MAX = 0.4  # the served artifact's highest target in these tests
+
+# value -> accepted float, or None for "refused"
+CASES = [
+    (0, 0.0), (0.0, 0.0), (0.2, 0.2), (MAX, MAX), (MAX + 1e-10, MAX + 1e-10),
+    (None, 0.0),  # null: dense, as the worker always read it
+    (np.float32(0.25), float(np.float32(0.25))), (np.float64(0.1), 0.1), (np.int64(0), 0.0),
+    (Fraction(1, 5), 0.2),
+    # numeric strings and booleans
+    ("0.2", None), ("0", None), ("", None), ("abc", None), (True, None), (False, None),
+    # non-finite
+    (float("nan"), None), (float("inf"), None), (float("-inf"), None), (np.float32("nan"), None),
+    # out of range
+    (-0.01, None), (-0.0001, None), (-1, None), (MAX + 1e-6, None), (0.41, None),
+    (1, None), (1.0, None), (1.5, None), (10**400, None), (-(10**400), None),
+    # other JSON
+    ([0.2], None), ({"a": 1}, None),
+]
+
+
+@pytest.mark.parametrize("value,expected", CASES, ids=[repr(c[0])[:16] for c in CASES])
+def test_validate_sparsity(value, expected):
+    if expected is None:
+        with pytest.raises(ValueError) as e:
+            validate_sparsity(value, MAX)
+        assert str(e.value).startswith(SPARSITY_KEY)
+    else:
+        got = validate_sparsity(value, MAX)
+        assert type(got) is float and got == pytest.approx(expected, abs=0)
+
+
+def test_messages_say_what_is_accepted():
+    def msg(value, max_sparsity=MAX):
+        with pytest.raises(ValueError) as e:
+            validate_sparsity(value, max_sparsity)
+        return str(e.value)
+
+    assert msg("0.2") == ('ftp_sparsity must be a number in [0, 0.4] (0 or null: dense), got '
+                          '"0.2" (a string: send the number 0.2 without quotes)')
+    assert msg(True).endswith("got true")
+    assert msg(float("nan")).endswith("got NaN") and msg(float("-inf")).endswith("-Infinity")
+    assert msg(0.9) == ("ftp_sparsity=0.9 is outside [0, 0.4], the range the served router "
+                        "artifact was tuned for")
+    assert "outside [0, 0.4]" in msg(-1)
+    # routing off (max 0): only dense passes, and the message says why
+    assert validate_sparsity(0, 0.0) == 0.0 and validate_sparsity(None, 0.0) == 0.0
+    assert "without FTP routing" in msg(0.2, 0.0)
+    assert "FTP routing is off" in msg("0", 0.0)
+
+
+def test_one_is_never_accepted_whatever_the_max():
+    with pytest.raises(ValueError):
+        validate_sparsity(1.0, 1.0)
+    assert validate_sparsity(0.99, 1.0) == 0.99
+
+
+def test_request_sparsity_defaults_only_when_absent():
+    assert request_sparsity(None, MAX, 0.3) == 0.3
+    assert request_sparsity({}, MAX, 0.3) == 0.3
+    assert request_sparsity({"other": 1}, MAX, 0.3) == 0.3
+    assert request_sparsity({SPARSITY_KEY: None}, MAX, 0.3) == 0.0
+    assert request_sparsity({SPARSITY_KEY: 0.1}, MAX, 0.3) == 0.1
+    with pytest.raises(ValueError):
+        request_sparsity({SPARSITY_KEY: "0.1"}, MAX, 0.3)
+
+
+@pytest.mark.parametrize("value,expected", CASES, ids=[repr(c[0])[:16] for c in CASES])
+def test_server_and_worker_agree(value, expected):
+    """The server's HTTP check and the worker's parsing give the same verdict for every case."""
+    from ftp_vllm.plugin.runtime import parse_request_sparsity
+    from ftp_vllm.routing.schedule import SparsitySchedule
+    from server.validation import check_request_sparsity
+
+    schedule = SparsitySchedule.uniform([0.2, MAX], 4)
+    server_reason = check_request_sparsity(value, MAX, True)
+    try:
+        worker = parse_request_sparsity({SPARSITY_KEY: value}, schedule, 0.3)
+    except ValueError as e:
+        worker = None
+        assert server_reason == f"vllm_xargs.{e}"  # the same words reach the client
+    assert (server_reason is None) == (expected is not None) == (worker is not None)
+    if worker is not None:
+        assert math.isclose(worker, expected, abs_tol=0)
