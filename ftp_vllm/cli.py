@@ -20,7 +20,7 @@ from ftp_vllm.artifact import DEFAULT_ARTIFACT
 
 COMMAND_MODULES: list[str] = [
     "ftp_vllm.model.prepare",  # model prepare | path
-    "ftp_vllm.data.tasks",  # data show | list
+    "ftp_vllm.data.command",  # data show | list
     "ftp_vllm.training.command",  # schedule, train
     "ftp_vllm.eval.command",  # eval
     "ftp_vllm.eval.report",  # report

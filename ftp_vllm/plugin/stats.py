@@ -46,7 +46,7 @@ class RoutingStats:
         layout = plan.layout
         pos = layout.positions.cpu().numpy().astype(np.float64)
         shape = self.shape
-        per_kept = shape.kept_fixed_flops + 4.0 * (pos + 1) * shape.num_heads * shape.head_dim
+        per_kept = shape.kept_token_flops(pos)  # [Tr]
         kv = float(shape.kv_flops)
         num_layers = keeps.shape[0]
         starts = layout.starts.cpu().numpy()
