@@ -149,3 +149,112 @@ def test_bad_routing_options_fail_engine_config(tiny_llama_dir, artifact, tmp_pa
         engine_config(tiny_llama_dir, ov)
     for part in expect:
         assert part in str(info.value)
+
+
+# --- start-up refusals (ftp_vllm.plugin.refusals) ---------------------------------------------
+# One serve command line per refusal: the same argv goes through vLLM's parser to a real
+# VllmConfig (the plugin's hook must refuse it) and through refused_flags (deploy checks).
+REFUSED_ARGV = {
+    "pipeline-parallel": ["--pipeline-parallel-size", "2"],
+    # vLLM itself needs DCP to divide TP, so TP=2 here; only DCP is refused.
+    "decode-context-parallel": ["--tensor-parallel-size", "2",
+                                "--decode-context-parallel-size", "2"],
+    "prefill-context-parallel": ["--prefill-context-parallel-size", "2"],
+    "kv-connector": ["--kv-transfer-config",
+                     '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'],
+    "kv-offloading": ["--kv-offloading-size", "4"],
+    "quantized-kv-cache": ["--kv-cache-dtype", "fp8"],
+}
+
+
+def _serve_argv(model_dir, hf_overrides, extra: list[str]) -> list[str]:
+    return ["--model", str(model_dir), "--hf-overrides", json.dumps(hf_overrides),
+            "--max-model-len", "512", "--skip-tokenizer-init", *extra]
+
+
+def _config_from_argv(argv: list[str]):
+    from ftp_vllm.plugin.refusals import parse_engine_args
+
+    return parse_engine_args(argv).create_engine_config()
+
+
+def test_every_refusal_has_a_case_and_says_what_why_and_instead():
+    from ftp_vllm.plugin.refusals import REFUSALS
+
+    assert {r.name for r in REFUSALS} == set(REFUSED_ARGV)
+    assert len({r.cli_flag for r in REFUSALS}) == len(REFUSALS)
+    for rule in REFUSALS:
+        assert "not supported" in rule.message, rule.name  # what
+        assert any(w in rule.message for w in ("Use ", "Drop ")), rule.name  # what instead
+
+
+def test_refusals_name_real_vllm_flags_and_config_fields(tiny_llama_dir):
+    """Each rule's flag parses into its EngineArgs field, and its config path exists on a real
+    VllmConfig built from that flag (a vanilla model: no refusal applies there)."""
+    from dataclasses import fields
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from ftp_vllm.plugin.refusals import REFUSALS, parse_engine_args
+
+    names = {f.name for f in fields(EngineArgs)}
+    for rule in REFUSALS:
+        assert rule.engine_arg in names, rule.engine_arg
+        argv = REFUSED_ARGV[rule.name]
+        assert rule.cli_flag in argv
+        value = getattr(parse_engine_args(argv), rule.engine_arg)
+        assert rule.refused(value), (rule.name, value)
+    # Vanilla: the same flags build a config (the rules are for routed models only) and the
+    # rules' config paths resolve on it to the values the flags set.
+    cfg = _config_from_argv(_serve_argv(tiny_llama_dir, {}, REFUSED_ARGV["quantized-kv-cache"]))
+    assert cfg.model_config.architecture == "LlamaForCausalLM"
+    by_name = {r.name: r for r in REFUSALS}
+    assert by_name["quantized-kv-cache"].config_value(cfg) == "fp8"
+    assert by_name["quantized-kv-cache"].check(cfg)
+    for rule in REFUSALS:
+        rule.config_value(cfg)  # AttributeError if the path is wrong
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_ARGV))
+def test_refused_setting_fails_routed_engine_config(tiny_llama_dir, artifact, name):
+    from ftp_vllm.plugin.refusals import REFUSALS, refused_flags
+
+    rule = next(r for r in REFUSALS if r.name == name)
+    extra = REFUSED_ARGV[name]
+    assert refused_flags(extra) == [rule.cli_flag]
+    with pytest.raises(ValueError) as info:  # pydantic's ValidationError is a ValueError
+        _config_from_argv(_serve_argv(tiny_llama_dir, routing_overrides(artifact, 0.3), extra))
+    text = str(info.value)
+    assert f"FTP routing refuses {rule.cli_flag}" in text
+    assert " ".join(rule.message.split()[:12]) in " ".join(text.split())
+
+
+def test_all_refusals_reported_at_once(tiny_llama_dir, artifact):
+    from ftp_vllm.plugin.refusals import refused_flags
+
+    extra = REFUSED_ARGV["pipeline-parallel"] + REFUSED_ARGV["quantized-kv-cache"]
+    assert refused_flags(extra) == ["--pipeline-parallel-size", "--kv-cache-dtype"]
+    with pytest.raises(ValueError) as info:
+        _config_from_argv(_serve_argv(tiny_llama_dir, routing_overrides(artifact, 0.3), extra))
+    assert "--pipeline-parallel-size 2" in str(info.value)
+    assert "--kv-cache-dtype fp8" in str(info.value)
+
+
+def test_supported_serve_flags_are_not_refused():
+    from ftp_vllm.plugin.refusals import refused_flags
+
+    # Multi-node tensor parallelism (docs/OPERATIONS.md) plus server and FTP flags.
+    argv = ["--model", "/models/model", "--tensor-parallel-size", "16", "--nnodes", "2",
+            "--node-rank", "1", "--master-addr", "leader.example", "--master-port", "29501",
+            "--headless", "--pipeline-parallel-size", "1", "--kv-cache-dtype", "bfloat16",
+            "--port", "8000", "--router", "/routers/custom", "--sparsity", "0.3"]
+    assert refused_flags(argv) == []
+    assert refused_flags([]) == []
+    assert refused_flags(["-pp", "2"]) == ["--pipeline-parallel-size"]  # vLLM's short alias
+
+
+def test_refused_flags_rejects_unparsable_values():
+    from ftp_vllm.plugin.refusals import refused_flags
+
+    with pytest.raises(ValueError, match="cannot parse vLLM engine arguments"):
+        refused_flags(["--pipeline-parallel-size", "two"])

@@ -3,7 +3,9 @@
 vLLM calls ``verify_and_update_config`` for architectures listed in MODELS_CONFIG_MAP while
 it builds the VllmConfig, before the platform hook and before any worker starts. Here the
 plugin checks the routing options (a bad artifact or sparsity fails engine creation with the
-reason) and switches off what routed prefill cannot serve consistently, saying why.
+reason), refuses what routed layers cannot serve (the table in ``refusals.py``: pipeline and
+context parallelism, KV connectors and offloading, quantized KV caches) and switches off what
+routed prefill cannot serve consistently, saying why.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from vllm.logger import init_logger
 
 from ftp_vllm.artifact import RouterArtifact, load_artifact
 from ftp_vllm.plugin import ROUTER_KEY, SPARSITY_KEY
+from ftp_vllm.plugin.refusals import check_config
 
 logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
@@ -91,6 +94,7 @@ class FTPRoutingConfig:
             settings.artifact_path, settings.artifact.kind, settings.sparsity,
             settings.artifact.schedule.max_target,
         )
+        check_config(vllm_config)  # refusals (ftp_vllm.plugin.refusals): fail before changes
         sched = vllm_config.scheduler_config
         cache = vllm_config.cache_config
         if sched.enable_chunked_prefill:
@@ -120,10 +124,6 @@ class FTPRoutingConfig:
                 "trace-once torch.compile cannot specialise; vanilla models keep compiling."
             )
             model_config.enforce_eager = True
-        if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise ValueError("FTP routing does not support pipeline parallelism yet")
-        if str(cache.cache_dtype).startswith("fp8"):
-            raise ValueError("FTP routing does not support a quantized KV cache yet")
         _use_v1_model_runner()
         pc = vllm_config.parallel_config
         if not pc.worker_extension_cls:
