@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ftp_vllm.plugin.memory import KVCacheChoice
 from server.settings import ENV_ROUTER, ENV_SPARSITY, Routing, ServeConfigError, resolve_routing
 
 FTP_GROUP_DOC = (
@@ -67,12 +68,15 @@ def build_parser() -> Any:
     )
     add_ftp_args(parser)
     parser = make_arg_parser(parser)
-    parser.set_defaults(model=None)  # tells "no model given" apart from vLLM's default
+    # None tells "not given" apart from vLLM's defaults: no model -> the default model; no
+    # --gpu-memory-utilization -> size_kv_cache picks the CPU KV cache (then vLLM's default).
+    parser.set_defaults(model=None, gpu_memory_utilization=None)
     return parser
 
 
 def prepare_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Routing]:
-    """Parse, pick the model and routing, fill ``args.model`` and ``args.hf_overrides``."""
+    """Parse, pick the model and routing, fill ``args.model`` and ``args.hf_overrides``.
+    ``args.gpu_memory_utilization`` stays None when not given: ``size_kv_cache`` next."""
     parser = build_parser()
     args = parser.parse_args(list(argv))
     if getattr(args, "model_tag", None):
@@ -100,6 +104,30 @@ def prepare_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Routing]:
     return args, routing
 
 
+def size_kv_cache(args: argparse.Namespace) -> KVCacheChoice | None:
+    """On the CPU, with no KV-cache size given, choose one from the free memory
+    (``ftp_vllm.plugin.memory``) into ``--kv-cache-memory-bytes``; fill vLLM's default
+    ``--gpu-memory-utilization`` when it was not given."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from ftp_vllm.plugin.memory import auto_kv_cache
+
+    given = args.gpu_memory_utilization
+    if given is None:
+        args.gpu_memory_utilization = EngineArgs.gpu_memory_utilization
+    choice = auto_kv_cache(
+        args.model, gpu_memory_utilization=given,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes, dtype=args.dtype,
+        kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size_local or args.data_parallel_size,
+    )
+    if choice is not None:
+        args.kv_cache_memory_bytes = choice.kv_bytes
+    return choice
+
+
 def main(argv: Sequence[str]) -> int:
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
@@ -110,6 +138,7 @@ def main(argv: Sequence[str]) -> int:
     cli_env_setup()
     try:
         args, routing = prepare_args(argv)
+        kv_cache = size_kv_cache(args)
     except (ServeConfigError, ArtifactError, ValueError) as e:
         raise SystemExit(f"ftp-vllm serve: error: {e}") from None
     configure_logging_from_args(args)
@@ -118,6 +147,8 @@ def main(argv: Sequence[str]) -> int:
     for note in routing.notes:
         logger.warning("%s", note)
     logger.info("%s", routing.describe())
+    if kv_cache is not None:
+        logger.info("%s", kv_cache.describe())
 
     if args.headless:  # multi-node data-parallel workers: no API server, vLLM's own path
         from vllm.entrypoints.cli.serve import ServeSubcommand
@@ -222,7 +253,7 @@ class FTPServer:
     async def attach(self, app: Any, engine_client: Any) -> None:
         from starlette.middleware import Middleware
 
-        from server.metrics import FTPMetrics, StatsPoller
+        from server.metrics import FTPMetrics, StatsPoller, engine_stats_rpc
         from server.routes import MetricsRefreshMiddleware, add_routes
         from server.validation import SparsityValidationMiddleware
 
@@ -237,7 +268,7 @@ class FTPServer:
         app.user_middleware.append(Middleware(SparsityValidationMiddleware,
                                               get_limits=self.limits))
         if self.routing.enabled:
-            self.poller = StatsPoller(engine_client.collective_rpc, self.metrics,
+            self.poller = StatsPoller(engine_stats_rpc(engine_client), self.metrics,
                                       interval=self.args.stats_interval)
             app.user_middleware.append(Middleware(MetricsRefreshMiddleware,
                                                   poller=self.poller))

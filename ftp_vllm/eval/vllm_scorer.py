@@ -29,6 +29,8 @@ class VLLMScorer:
         from transformers import AutoConfig
         from vllm import LLM
 
+        from ftp_vllm.plugin.memory import llm_kv_kwargs
+
         self.routed = artifact is not None and sparsity > 0
         self.sparsity = sparsity if self.routed else 0.0
         self.max_length = max_length
@@ -40,6 +42,7 @@ class VLLMScorer:
         self.llm = LLM(
             model=str(model_dir), dtype=dtype, hf_overrides=overrides, seed=0,
             max_model_len=max_length, enable_prefix_caching=False,
+            **llm_kv_kwargs(model_dir, dtype=dtype, max_model_len=max_length),
         )
 
     def describe(self) -> dict:

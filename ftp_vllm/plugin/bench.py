@@ -79,9 +79,12 @@ def _time(llm: Any, prompts: list, params: Any) -> float:
 def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None):
     from vllm import LLM
 
+    from ftp_vllm.plugin.memory import llm_kv_kwargs
+
     kw: dict[str, Any] = dict(
         dtype=dtype, max_model_len=max_len, enable_prefix_caching=False, seed=0,
         skip_tokenizer_init=True,
+        **llm_kv_kwargs(model_dir, dtype=dtype, max_model_len=max_len),
     )
     if hf_overrides:
         kw["hf_overrides"] = hf_overrides
@@ -89,14 +92,8 @@ def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import os
-
     import torch
     from transformers import AutoConfig
-
-    if not torch.cuda.is_available():
-        # vLLM's CPU backend otherwise reserves 92% of the host's memory for its KV cache.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import SamplingParams
 
     from ftp_vllm.plugin import routing_overrides
