@@ -24,9 +24,11 @@ help:
 	@echo "make demo   install if needed, prepare SmolLM2-135M-Instruct, print a routed generation"
 	@echo "make test   install if needed, prepare the model, run ruff check and pytest"
 
+# make serve PORT=8001 serves on another port (a make variable; the environment's PORT is ignored).
+serve: PORT := 8000
 serve: install model
-	@echo "==> ftp-vllm serve (OpenAI API and /metrics on port 8000; Ctrl-C stops)"
-	$(BIN)/ftp-vllm serve
+	@echo "==> ftp-vllm serve (OpenAI API and /metrics on port $(PORT); Ctrl-C stops)"
+	$(BIN)/ftp-vllm serve $(if $(filter-out 8000,$(PORT)),--port $(PORT))
 
 demo: install model
 	@echo "==> ftp-vllm demo"

@@ -3,7 +3,10 @@
 - ``make_tiny_chat_model``: a tiny random Llama that carries the default model's tokenizer
   and chat template, so the OpenAI chat and completions APIs work on it in seconds;
 - ``ServerProcess``: ``python -m server ...`` in a subprocess on 127.0.0.1, waited for
-  through ``/health`` with a deadline, stopped with SIGINT then SIGKILL, log kept in a file.
+  through ``/health`` with a deadline, stopped with SIGINT then SIGKILL, log kept in a file;
+- ``CommandServer``: any command that serves on a given port (``make serve PORT=...``), run
+  in its own process group with exactly the given environment, stopped like Ctrl-C (SIGINT to
+  the whole group), and checked for processes it left behind (``group_pids``).
 """
 
 from __future__ import annotations
@@ -129,10 +132,13 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "server", *self.args]
+
     def start(self, timeout: float = 600.0) -> ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *self.args], stdout=self._log,
+            self.command(), stdout=self._log,
             stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -175,3 +181,64 @@ class ServerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class CommandServer(ServerProcess):
+    """A user's command (e.g. ``["make", "serve", f"PORT={port}"]``) serving on `port`.
+
+    The environment is exactly `env` (nothing added); stop() sends SIGINT to the whole
+    process group, as Ctrl-C in a terminal does, then SIGKILL to what is left."""
+
+    def __init__(self, command: list[str], log_path: Path, port: int, env: dict[str, str],
+                 cwd: Path | None = None):
+        super().__init__([], log_path, port=port, cwd=cwd)
+        self.argv = list(command)
+        self.env = dict(env)
+        self.left_behind: list[int] = []  # pids still alive after stop()'s grace period
+
+    def command(self) -> list[str]:
+        return self.argv
+
+    def stop(self, timeout: float = 120.0) -> int | None:
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
+        if self.proc.poll() is None:
+            _killpg(pgid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _killpg(pgid, signal.SIGKILL)
+                self.proc.wait(30)
+        deadline = time.monotonic() + timeout
+        while group_pids(pgid) and time.monotonic() < deadline:  # children still exiting
+            time.sleep(0.5)
+        if group_pids(pgid):
+            self.left_behind = group_pids(pgid)
+            _killpg(pgid, signal.SIGKILL)
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            pids.append(int(entry.name))
+    return pids

@@ -145,6 +145,16 @@ def choose_kv_cache(memory: NodeMemory, model: ModelMemory, *, cap: int = KV_CAP
                          model=model, overhead=overhead_all, limited_by=limited_by)
 
 
+def minimum_memory(model: ModelMemory, *, kv_on_host: bool = True,
+                   overhead: int = OVERHEAD_BYTES) -> int:
+    """The least memory (node, or container limit) an engine starts in under the rule: the
+    API server, the engine core and each worker (``overhead`` each), the weights and, when the
+    KV cache lives in host memory (CPU backend), one max_model_len sequence of K/V. For
+    checking deployments: ``choose_kv_cache`` refuses below it."""
+    kv = model.one_sequence if kv_on_host else 0
+    return model.weights + overhead * (max(1, model.workers) + 2) + kv
+
+
 # ---------------------------------------------------------------- reading the machine
 
 
