@@ -8,7 +8,16 @@ monotonic totals, plus a queue of per-request records). The API server *pulls* t
 vLLM's own engine-client utility call, ``engine_client.collective_rpc("ftp_routing_stats",
 kwargs={"drain_requests": True})``, which travels API server -> engine core -> every worker
 over vLLM's existing channels and returns one snapshot per rank (every tensor-parallel rank
-holds the same numbers, rank 0 is read). ``StatsPoller`` does this every
+holds the same numbers, rank 0 is read).
+
+With data parallelism (``--data-parallel-size N``) one API server drives N engine cores, each
+with its own workers, counts and request records. ``AsyncLLM.collective_rpc`` runs the call on
+every engine but returns engine 0's answer only (vLLM 0.32 ``DPLBAsyncMPClient.
+call_utility_async``), which would drop the other engines' drained records. So the poller asks
+every engine itself (``engine_stats_rpc``: the engine client's ``call_utility_all_async``),
+keeps one baseline per engine, sums their counter increments and keeps every engine's
+records. With external load balancing each API server manages only its own engine(s) and
+reports those; Prometheus sums over targets. ``StatsPoller`` does this every
 ``--stats-interval`` seconds and again just before each ``/metrics`` scrape (bounded wait,
 so a long prefill step never stalls a scrape), turns the totals into counter increments
 (differences between snapshots) and observes one histogram sample per drained request
@@ -35,14 +44,15 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from ftp_vllm.contract import STATS_METHOD
+
 logger = logging.getLogger("ftp_vllm.server")
 
-STATS_METHOD = "ftp_routing_stats"
 SELF_BENCH_PREFIX = "ftp-selfbench-"
 MAX_RECENT = 4096
 
@@ -126,6 +136,67 @@ def response_id(internal_id: str | None) -> str | None:
     return rid
 
 
+Snapshot = dict[str, Any]
+
+
+def engine_snapshots(results: Sequence[Any] | None) -> list[Snapshot | None]:
+    """One snapshot per engine from a stats RPC's answer.
+
+    ``results`` is one list of worker answers per engine (``engine_stats_rpc``) or, from a
+    plain ``collective_rpc``, the worker answers of a single engine. An engine's snapshot is
+    its first worker answer that is not None: its tensor-parallel ranks hold the same numbers
+    and the same request records, so reading more than one would count them twice.
+    """
+    results = list(results or [])
+    if not any(isinstance(r, list | tuple) for r in results):
+        results = [results]  # the worker answers of one engine
+    return [next((w for w in workers or [] if w is not None), None) for workers in results]
+
+
+def merge_totals(snaps: Sequence[Snapshot | None]) -> Snapshot | None:
+    """The engines' running totals as one snapshot (``/ftp/stats``): numbers and per-layer
+    lists summed, the FLOP-model speedup recomputed from the summed FLOPs."""
+    snaps = [s for s in snaps if s is not None]
+    if not snaps:
+        return None
+    out: Snapshot = {}
+    for key, first in snaps[0].items():
+        if key == "requests":
+            continue
+        values = [s.get(key) for s in snaps]
+        if isinstance(first, bool) or first is None:
+            out[key] = first
+        elif isinstance(first, int | float):
+            out[key] = sum(v for v in values if isinstance(v, int | float))
+        elif isinstance(first, list):
+            width = max(len(v) for v in values if isinstance(v, list))
+            out[key] = [sum(v[i] for v in values if isinstance(v, list) and i < len(v))
+                        for i in range(width)]
+        else:
+            out[key] = first
+    if "dense_flops" in out and "routed_flops" in out:
+        out["flop_speedup"] = (out["dense_flops"] / out["routed_flops"]
+                               if out["routed_flops"] else 1.0)
+    out["engines"] = len(snaps)
+    return out
+
+
+def engine_stats_rpc(engine_client: Any) -> Callable[..., Awaitable[list[Any]]]:
+    """``collective_rpc`` on every engine the client manages: one list of worker answers per
+    engine (see the module doc for why ``engine_client.collective_rpc`` is not enough)."""
+    core = getattr(engine_client, "engine_core", None)
+    call_all = getattr(core, "call_utility_all_async", None)
+
+    async def every_engine(method: str, timeout: float | None = None, args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> list[Any]:
+        if call_all is None:  # a client without several engines (in-process, tests)
+            return [await engine_client.collective_rpc(method, timeout=timeout, args=args,
+                                                       kwargs=kwargs)]
+        return list(await call_all("collective_rpc", method, timeout, tuple(args), kwargs))
+
+    return every_engine
+
+
 class StatsPoller:
     """Pulls the workers' routing statistics into ``FTPMetrics`` (see the module doc)."""
 
@@ -136,11 +207,12 @@ class StatsPoller:
         interval: float = 1.0,
         rpc_timeout: float = 60.0,
     ):
-        self.rpc = rpc  # engine_client.collective_rpc
+        self.rpc = rpc  # engine_stats_rpc(engine_client), or one engine's collective_rpc
         self.metrics = metrics
         self.interval = interval
         self.rpc_timeout = rpc_timeout
-        self.last: dict[str, Any] | None = None
+        self.last: Snapshot | None = None  # all engines' totals (merge_totals)
+        self.last_per_engine: dict[int, Snapshot] = {}  # each engine's baseline
         self.recent: OrderedDict[str, list[dict[str, Any]]] = OrderedDict()
         self.polls = 0
         self.errors = 0
@@ -148,17 +220,21 @@ class StatsPoller:
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ reading
-    async def poll(self, count: bool = True) -> dict[str, Any] | None:
-        """Read and apply one snapshot; ``count=False`` takes it as the baseline only."""
+    async def poll(self, count: bool = True) -> Snapshot | None:
+        """Read and apply every engine's snapshot; ``count=False`` takes them as the baseline
+        only. Returns the merged totals (None when no engine routes)."""
         async with self._lock:
             results = await self.rpc(STATS_METHOD, timeout=self.rpc_timeout,
                                      kwargs={"drain_requests": True})
-            snap = next((r for r in results or [] if r is not None), None)
-            if snap is None:
+            snaps = engine_snapshots(results)
+            if all(s is None for s in snaps):
                 return None
-            self.apply(snap, count=count)
+            for engine, snap in enumerate(snaps):
+                if snap is not None:
+                    self.apply(snap, count=count, engine=engine)
+            self.last = merge_totals(list(self.last_per_engine.values()))
             self.polls += 1
-            return snap
+            return self.last
 
     async def refresh(self, max_wait: float = 2.0) -> None:
         """Bring the metrics up to date before a scrape, waiting at most `max_wait`."""
@@ -199,16 +275,18 @@ class StatsPoller:
             self._task = None
 
     # ------------------------------------------------------------------ applying
-    def apply(self, snap: dict[str, Any], count: bool = True) -> None:
+    def apply(self, snap: Snapshot, count: bool = True, engine: int = 0) -> None:
+        """One engine's snapshot: counter increments against that engine's own baseline,
+        histogram samples and id lookups from its drained records."""
         m = self.metrics
         records = list(snap.get("requests") or [])
         own = [r for r in records if str(r.get("request_id") or "").startswith(SELF_BENCH_PREFIX)]
         user = [r for r in records if r not in own]
-        last = self.last
+        last = self.last_per_engine.get(engine)
         if last is None or snap.get("routed_tokens", 0) < last.get("routed_tokens", 0):
             last = {"routed_tokens": 0, "skipped_per_layer": [0] * m.num_layers,
                     "kept_per_layer": [0] * m.num_layers}  # first read, or the worker restarted
-        self.last = {k: v for k, v in snap.items() if k != "requests"}
+        self.last_per_engine[engine] = {k: v for k, v in snap.items() if k != "requests"}
         if not count:
             return
         own_tokens = sum(int(r.get("prompt_tokens", 0)) for r in own)

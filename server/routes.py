@@ -1,9 +1,13 @@
 """``/ftp/...`` routes and the middleware that refreshes the ftp_ metrics before a scrape.
 
-- ``GET /ftp/stats``: routing settings, the workers' running totals, the last self-benchmark.
+- ``GET /ftp/stats``: routing settings, the workers' running totals (summed over
+  data-parallel engines, and per engine), the last self-benchmark, this replica's name.
 - ``GET /ftp/requests/{id}``: routing records of a recent request by the id its response
   carried (``cmpl-...``, ``chatcmpl-...``): prompt tokens, target and measured sparsity,
-  FLOP-model speedup, one record per prompt. Standard OpenAI clients never call it.
+  FLOP-model speedup, one record per prompt. Standard OpenAI clients never call it. Each
+  server keeps only the requests it served itself: behind a load balancer with several
+  replicas, ask the replica named in the response's ``X-FTP-Replica`` header (every response
+  carries it; the host name, which is the pod name on Kubernetes).
 - ``POST /ftp/benchmark``: re-run the self-benchmark now (query ``tokens``, ``prompts``,
   ``repeats``); 409 while one runs. With ``--api-key`` it needs the same bearer token.
 """
@@ -11,10 +15,39 @@
 from __future__ import annotations
 
 import hmac
+import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+REPLICA_HEADER = "X-FTP-Replica"
+
+
+def replica_name() -> str:
+    """This server's name in responses: the host name (a pod's name on Kubernetes)."""
+    return socket.gethostname()
+
+
+class ReplicaHeaderMiddleware:
+    """ASGI: every HTTP response names the replica that served it (``X-FTP-Replica``), so a
+    client behind a load balancer knows where to ask ``/ftp/requests/<id>``."""
+
+    def __init__(self, app: Any, replica: str):
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica.encode("latin-1", "replace"))
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
 
 
 class MetricsRefreshMiddleware:
@@ -48,8 +81,26 @@ def _api_keys(args: Any) -> list[str]:
     return list(keys) if isinstance(keys, list | tuple) else [keys]
 
 
+def not_here_message(request_id: str, replica: str, kept: int) -> str:
+    """The 404 of ``/ftp/requests/<id>``: why a record can be missing, and where to ask."""
+    return (f"no routing record for {request_id!r} on this replica ({replica}): this server "
+            f"keeps the records of the last {kept} routed requests it served itself, and "
+            "dense requests (ftp_sparsity 0) leave none. Behind a load balancer with several "
+            "replicas, ask the replica that served the request: its response carried the "
+            f"header {REPLICA_HEADER}.")
+
+
 def add_routes(app: FastAPI, ftp: Any) -> None:
+    """The ``/ftp/...`` routes, and the ``X-FTP-Replica`` header on every response."""
+    from starlette.middleware import Middleware
+
+    from server.metrics import MAX_RECENT
+
     routing = ftp.routing
+    replica = replica_name()
+    app.user_middleware.append(Middleware(ReplicaHeaderMiddleware, replica=replica))
+    if getattr(app, "middleware_stack", None) is not None:  # built already: build it again
+        app.middleware_stack = app.build_middleware_stack()
 
     @app.get("/ftp/stats")
     async def ftp_stats() -> JSONResponse:
@@ -62,7 +113,10 @@ def add_routes(app: FastAPI, ftp: Any) -> None:
                         "kind": routing.kind, "source": routing.source,
                         "default_sparsity": routing.sparsity if routing.enabled else 0.0,
                         "max_sparsity": routing.max_sparsity},
-            "totals": None if poller is None else poller.last,
+            "totals": None if poller is None else poller.last,  # summed over engines
+            "engines": None if poller is None else  # data parallel: each engine's totals
+            [poller.last_per_engine[k] for k in sorted(poller.last_per_engine)],
+            "replica": replica,
             "self_benchmark": None if ftp.last_bench is None else ftp.last_bench.to_dict(),
         })
 
@@ -74,8 +128,7 @@ def add_routes(app: FastAPI, ftp: Any) -> None:
         await poller.refresh(2.0)
         records = poller.recent.get(request_id)
         if records is None:
-            return _error(404, f"no routing record for {request_id!r} (unknown id, a dense "
-                               "request, or older than the most recent records kept)")
+            return _error(404, not_here_message(request_id, replica, MAX_RECENT))
         return JSONResponse({"id": request_id, "records": records})
 
     @app.post("/ftp/benchmark")

@@ -93,3 +93,13 @@ def test_server_and_worker_agree(value, expected):
     assert (server_reason is None) == (expected is not None) == (worker is not None)
     if worker is not None:
         assert math.isclose(worker, expected, abs_tol=0)
+
+
+def test_names_match_the_plugin():
+    """Until the plugin imports them from here (issue #9), its copies must be equal."""
+    from ftp_vllm import contract, plugin
+    from ftp_vllm.plugin.stats import FTPWorkerExtension
+
+    assert plugin.SPARSITY_KEY == contract.SPARSITY_KEY
+    assert plugin.STATS_METHOD == contract.STATS_METHOD
+    assert callable(getattr(FTPWorkerExtension, contract.STATS_METHOD))

@@ -12,7 +12,17 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from server import settings as S
-from server.metrics import METRICS, SELF_BENCH_PREFIX, FTPMetrics, StatsPoller, response_id
+from server.metrics import (
+    MAX_RECENT,
+    METRICS,
+    SELF_BENCH_PREFIX,
+    FTPMetrics,
+    StatsPoller,
+    engine_snapshots,
+    engine_stats_rpc,
+    merge_totals,
+    response_id,
+)
 from server.validation import SparsityValidationMiddleware, check_request_sparsity, find_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,6 +269,148 @@ def test_poller_survives_engine_errors():
 
     p = asyncio.run(go())
     assert p.errors == 1 and value(reg, "ftp_stats_poll_errors_total") == 1
+
+
+# Data parallel: one API server, several engine cores, each with its own counts and records.
+def worker_payload(tokens, kept, skipped, dense, routed, requests=()):
+    """One worker's answer, built by the plugin's own RoutingStats.snapshot."""
+    import numpy as np
+
+    from ftp_vllm.flops import BlockShape
+    from ftp_vllm.plugin.stats import RoutingStats
+
+    stats = RoutingStats(len(kept), BlockShape(hidden=128, intermediate=256, num_heads=4,
+                                               num_kv_heads=2, head_dim=32))
+    stats.routed_tokens = tokens
+    stats.routed_requests = len(requests)
+    stats.kept = np.array(kept, dtype=np.int64)
+    stats.skipped = np.array(skipped, dtype=np.int64)
+    stats.dense_flops, stats.routed_flops = float(dense), float(routed)
+    stats.requests.extend(requests)
+    return stats.snapshot(drain_requests=True)
+
+
+def test_engine_snapshots_reads_one_worker_per_engine():
+    a, b = {"routed_tokens": 1}, {"routed_tokens": 2}
+    # per engine: its tensor-parallel ranks (same numbers), rank 0 read once
+    assert engine_snapshots([[a, dict(a)], [b, dict(b)]]) == [a, b]
+    assert engine_snapshots([[None, a], []]) == [a, None]
+    # a plain collective_rpc answer: the workers of one engine
+    assert engine_snapshots([a, None]) == [a] and engine_snapshots([None]) == [None]
+    assert engine_snapshots(None) == [None]
+
+
+def test_merge_totals_sums_engines():
+    e0 = worker_payload(100, [80, 70], [20, 30], 1000.0, 800.0)
+    e1 = worker_payload(50, [40, 45], [10, 5], 600.0, 400.0)
+    total = merge_totals([e0, None, e1])
+    assert total["engines"] == 2 and "requests" not in total
+    assert total["routed_tokens"] == 150 and total["kept_per_layer"] == [120, 115]
+    assert total["skipped_per_layer"] == [30, 35] and total["skipped_pairs"] == 65
+    assert total["flop_speedup"] == pytest.approx(1600 / 1200)
+    assert merge_totals([None]) is None
+
+
+def test_poller_counts_every_data_parallel_engine():
+    """Two engines, two TP ranks each: counters are the sum over engines (each against its
+    own baseline, one engine restarting), every engine's requests are found by id."""
+    reg = CollectorRegistry()
+    m = FTPMetrics(2, registry=reg)
+    r = [rec(f"cmpl-{i}-0-0123abcd", 10, 0.25, 1.3) for i in range(4)]
+    polls = [
+        # baseline
+        [worker_payload(10, [5, 5], [5, 5], 1, 1), worker_payload(20, [10, 10], [10, 10], 1, 1)],
+        [worker_payload(30, [15, 15], [15, 15], 2, 1, r[:2]),
+         worker_payload(40, [20, 20], [20, 20], 2, 1, r[2:3])],
+        # engine 0 restarted (its totals fell): its whole snapshot counts
+        [worker_payload(10, [6, 6], [4, 4], 1, 1, r[3:]),
+         worker_payload(40, [20, 20], [20, 20], 2, 1)],
+    ]
+
+    async def call_all(utility, method, timeout, args, kwargs):
+        assert (utility, method, kwargs) == ("collective_rpc", "ftp_routing_stats",
+                                             {"drain_requests": True})
+        return [[snap, dict(snap)] for snap in polls.pop(0)]  # TP ranks: same numbers
+
+    class Client:  # the AsyncLLM surface engine_stats_rpc reads
+        engine_core = type("Core", (), {"call_utility_all_async": staticmethod(call_all)})()
+
+    async def go():
+        p = StatsPoller(engine_stats_rpc(Client()), m)
+        await p.poll(count=False)
+        await p.poll()
+        await p.poll()
+        return p
+
+    p = asyncio.run(go())
+    assert value(reg, "ftp_prefill_tokens_total") == (20 + 20) + 10  # not engine 0 alone
+    assert value(reg, "ftp_skipped_token_blocks_total", layer="0") == (10 + 10) + 4
+    assert value(reg, "ftp_computed_token_blocks_total", layer="1") == (10 + 10) + 6
+    assert value(reg, "ftp_request_token_sparsity_count") == 4  # TP duplicates read once
+    assert set(p.recent) == {f"cmpl-{i}" for i in range(4)}
+    assert p.last["engines"] == 2 and p.last["routed_tokens"] == 10 + 40
+
+
+def test_engine_stats_rpc_without_several_engines():
+    """A client without call_utility_all_async (one engine): its collective_rpc, wrapped."""
+    seen = []
+
+    class Client:
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            seen.append((method, timeout, kwargs))
+            return [{"routed_tokens": 3}, None]
+
+    out = asyncio.run(engine_stats_rpc(Client())("m", timeout=5.0, kwargs={"k": 1}))
+    assert out == [[{"routed_tokens": 3}, None]] and seen == [("m", 5.0, {"k": 1})]
+
+
+def _routes_client(recent):
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from server.routes import add_routes
+
+    class Poller:
+        last, last_per_engine = {"routed_tokens": 1, "engines": 1}, {0: {"routed_tokens": 1}}
+
+        def __init__(self):
+            self.recent = recent
+
+        async def refresh(self, max_wait):
+            pass
+
+    class FTP:
+        routing = S.Routing(enabled=True, router=None, kind="static", source="test",
+                            sparsity=0.3, max_sparsity=0.4)
+        poller, last_bench, args = Poller(), None, None
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"data": []}
+
+    add_routes(app, FTP())
+    return TestClient(app)
+
+
+def test_request_lookup_says_not_on_this_replica():
+    import socket
+
+    client = _routes_client({"cmpl-a": [rec("cmpl-a-0-0123abcd", 5, 0.2, 1.2)]})
+    host = socket.gethostname()
+    r = client.get("/ftp/requests/cmpl-a")
+    assert r.status_code == 200 and r.json()["records"][0]["prompt_tokens"] == 5
+    r = client.get("/ftp/requests/cmpl-elsewhere")
+    assert r.status_code == 404
+    msg = r.json()["error"]["message"]
+    assert f"on this replica ({host})" in msg and f"last {MAX_RECENT} routed requests" in msg
+    assert "X-FTP-Replica" in msg and "unknown" not in msg
+    # every response names the replica, /v1 included
+    assert client.get("/v1/models").headers["x-ftp-replica"] == host
+    assert r.headers["x-ftp-replica"] == host
+    stats = client.get("/ftp/stats").json()
+    assert stats["replica"] == host and stats["engines"] == [{"routed_tokens": 1}]
 
 
 def test_response_ids():
