@@ -64,7 +64,10 @@ def build_parser() -> Any:
         prog="ftp-vllm serve",
         description="vLLM's OpenAI-compatible server with FTP token routing. Every vLLM "
                     "server flag is accepted; with no model it serves SmolLM2-135M-Instruct "
-                    "(prepared locally) with its shipped router.",
+                    "(prepared locally) with its shipped router. On the CPU, with no "
+                    "VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes or "
+                    "--gpu-memory-utilization, the KV cache is sized from the free memory "
+                    "(logged at start).",
     )
     add_ftp_args(parser)
     parser = make_arg_parser(parser)

@@ -122,7 +122,9 @@ class ServerProcess:
         self.port = port or free_port()
         self.args = ["--host", HOST, "--port", str(self.port), *args]
         self.log_path = Path(log_path)
-        self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
+        # No KV-cache size here: `ftp-vllm serve-bench` runs users' servers through this class,
+        # and the server sizes the cache itself (tests set one in tests/conftest.py).
+        self.env = {**os.environ, "VLLM_NO_USAGE_STATS": "1",
                     "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     **(env or {})}
         self.cwd = cwd
@@ -203,6 +205,11 @@ class CommandServer(ServerProcess):
         if self.proc is None:
             return None
         pgid = self.proc.pid  # start_new_session: the group's id is the leader's pid
+        below = descendants(self.proc.pid)  # also those that left the group
+
+        def remaining() -> list[int]:
+            return sorted(set(group_pids(pgid)) | set(alive(below)))
+
         if self.proc.poll() is None:
             _killpg(pgid, signal.SIGINT)
             try:
@@ -211,11 +218,16 @@ class CommandServer(ServerProcess):
                 _killpg(pgid, signal.SIGKILL)
                 self.proc.wait(30)
         deadline = time.monotonic() + timeout
-        while group_pids(pgid) and time.monotonic() < deadline:  # children still exiting
+        while remaining() and time.monotonic() < deadline:  # children still exiting
             time.sleep(0.5)
-        if group_pids(pgid):
-            self.left_behind = group_pids(pgid)
+        if remaining():
+            self.left_behind = remaining()
             _killpg(pgid, signal.SIGKILL)
+            for pid in alive(self.left_behind):  # our own children, by pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode
@@ -228,9 +240,9 @@ def _killpg(pgid: int, sig: int) -> None:
         pass
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of process group `pgid`, from /proc (Linux)."""
-    pids = []
+def _live_processes() -> dict[int, tuple[int, int]]:
+    """{pid: (ppid, pgrp)} of every live (non-zombie) process, from /proc (Linux)."""
+    out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -239,6 +251,27 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            pids.append(int(entry.name))
-    return pids
+        if fields[0] != "Z":
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of process group `pgid`."""
+    return sorted(p for p, (_, g) in _live_processes().items() if g == pgid)
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below `pid` (children, theirs, ...), whatever their group or session."""
+    procs = _live_processes()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, (pp, _) in procs.items() if pp in frontier} - found
+        found |= frontier
+    return sorted(found)
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of `pids` still running (not zombies)."""
+    live = _live_processes()
+    return [p for p in pids if p in live]

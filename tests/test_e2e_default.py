@@ -1,6 +1,8 @@
 """`ftp-vllm serve` with no model argument: the prepared SmolLM2-135M-Instruct and the shipped
 router (or, with a clear message, its static fallback or dense serving when the build has
-none), on 127.0.0.1. Only a free port and CPU-friendly sizes are passed."""
+none), on 127.0.0.1. Passed: a free port and a short self-benchmark (the default one runs in
+tests/test_e2e_main_job.py); vLLM's default max_model_len and no KV-cache size, so the
+server sizes its KV cache itself, as for a user."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from ftp_vllm.plugin.memory import ENV_KV_SPACE  # noqa: E402
 from server.settings import DEFAULT_SPARSITY, shipped_router  # noqa: E402
 from server.testing import ServerProcess, http_json, metric_sum, metric_value, scrape  # noqa: E402
 
@@ -27,8 +30,9 @@ def server():
         pytest.skip("the default model is not prepared (`ftp-vllm model prepare`)")
     work = Path(tempfile.mkdtemp(prefix="ftp-e2e-default-"))
     env = {"FTP_VLLM_ROUTER": "", "FTP_VLLM_SPARSITY": ""}  # the defaults, whatever is set
-    srv = ServerProcess(["--max-model-len", "1024", "--self-benchmark-tokens", "48",
-                         "--self-benchmark-repeats", "1"], work / "server.log", env=env)
+    srv = ServerProcess(["--self-benchmark-tokens", "48", "--self-benchmark-repeats", "1"],
+                        work / "server.log", env=env)
+    srv.env.pop(ENV_KV_SPACE, None)  # tests/conftest.py sets one: the server sizes it here
     srv.start(timeout=1200)
     yield srv
     srv.stop()
@@ -40,7 +44,8 @@ def test_default_serves_smollm2_with_the_shipped_router(server):
     assert status == 200 and models["data"][0]["id"].endswith("SmolLM2-135M-Instruct")
     router, notes = shipped_router()
     status, stats = http_json(f"{server.url}/ftp/stats")
-    log = server.tail(400)
+    log = server.tail(100_000)
+    assert "KV cache: " in log and "Using max model len 8192" in log  # sized by the server
     if router is None:
         assert not stats["routing"]["enabled"] and "served DENSE" in log
         return

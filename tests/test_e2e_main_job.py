@@ -23,7 +23,14 @@ openai = pytest.importorskip("openai")
 
 from ftp_vllm.plugin.memory import ENV_KV_SPACE, read_node_memory  # noqa: E402
 from server.settings import ENV_ROUTER, ENV_SPARSITY  # noqa: E402
-from server.testing import CommandServer, free_port, group_pids, scrape  # noqa: E402
+from server.testing import (  # noqa: E402
+    CommandServer,
+    alive,
+    descendants,
+    free_port,
+    group_pids,
+    scrape,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -118,8 +125,9 @@ def test_metrics_carry_ftp_and_vllm(served):
 
 def test_ctrl_c_stops_everything(served):
     pgid = served.proc.pid
-    assert len(group_pids(pgid)) >= 3  # make, the API server, vLLM's engine processes
+    below = descendants(served.proc.pid)
+    assert len(below) >= 3  # under make: the API server, vLLM's engine core and worker
     served.stop()
     assert served.left_behind == [], f"processes left behind: {served.left_behind}"
-    assert group_pids(pgid) == []
+    assert group_pids(pgid) == [] and alive(below) == []
     assert "Traceback" not in served.tail(100_000)

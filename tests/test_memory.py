@@ -216,3 +216,34 @@ def test_serve_applies_the_rule_unless_the_user_sized_it(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_KV_SPACE, "1")
     args, _ = prepare_args([str(folder)])
     assert size_kv_cache(args) is None and args.kv_cache_memory_bytes is None
+
+
+@pytest.mark.vllm
+def test_serve_stops_with_the_clear_error_when_memory_is_too_small(tmp_path):
+    """A real shortage, no simulation: one 100M-token sequence of K/V fits nowhere here."""
+    pytest.importorskip("vllm")
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "m")
+    env = {k: v for k, v in os.environ.items() if k != ENV_KV_SPACE}
+    out = subprocess.run([sys.executable, "-m", "server", str(folder), "--no-routing",
+                          "--max-model-len", "100000000"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode != 0
+    assert "ftp-vllm serve: error: not enough memory to start the engine" in out.stderr
+    assert "GiB available" in out.stderr and "--max-model-len" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_empty_kv_space_variable_counts_as_unset(monkeypatch):
+    """vLLM's CPU platform treats VLLM_CPU_KVCACHE_SPACE="" as unset but its envs module
+    would crash on int(""): the rule applies and the empty variable goes."""
+    import os
+
+    monkeypatch.setenv(ENV_KV_SPACE, "")
+    assert auto_kv_cache("nowhere", on_cpu=True, memory=node(6, 8)) is not None
+    assert ENV_KV_SPACE not in os.environ

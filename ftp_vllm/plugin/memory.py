@@ -373,7 +373,10 @@ def auto_kv_cache(model: str | Path, *, gpu_memory_utilization: float | None = N
                   **model_kw: Any) -> KVCacheChoice | None:
     """The KV-cache size for an engine on vLLM's CPU backend, or None when the user sized it
     (``user_kv_setting``) or the platform is not the CPU. Pass the result's ``kv_bytes`` as
-    vLLM's ``kv_cache_memory_bytes``. ``model_kw``: ``model_memory``'s keywords."""
+    vLLM's ``kv_cache_memory_bytes``. ``model_kw``: ``model_memory``'s keywords. An empty
+    ``VLLM_CPU_KVCACHE_SPACE`` is removed from ``os.environ`` (it means unset)."""
+    if environ is None and os.environ.get(ENV_KV_SPACE) == "":
+        del os.environ[ENV_KV_SPACE]  # unset for vLLM's CPU platform, but its envs int("") fails
     if user_kv_setting(environ, gpu_memory_utilization, kv_cache_memory_bytes) is not None:
         return None
     if on_cpu is None:
