@@ -83,9 +83,9 @@ def _api_keys(args: Any) -> list[str]:
 
 def not_here_message(request_id: str, replica: str, kept: int) -> str:
     """The 404 of ``/ftp/requests/<id>``: why a record can be missing, and where to ask."""
-    return (f"no routing record for {request_id!r} on this replica ({replica}): this server "
-            f"keeps the records of the last {kept} routed requests it served itself, and "
-            "dense requests (ftp_sparsity 0) leave none. Behind a load balancer with several "
+    return (f"no routing record for {request_id!r}: not on this replica ({replica}), which "
+            f"keeps the records of the last {kept} routed requests it served itself; dense "
+            "requests (ftp_sparsity 0) leave none. Behind a load balancer with several "
             "replicas, ask the replica that served the request: its response carried the "
             f"header {REPLICA_HEADER}.")
 

@@ -404,7 +404,7 @@ def test_request_lookup_says_not_on_this_replica():
     r = client.get("/ftp/requests/cmpl-elsewhere")
     assert r.status_code == 404
     msg = r.json()["error"]["message"]
-    assert f"on this replica ({host})" in msg and f"last {MAX_RECENT} routed requests" in msg
+    assert f"not on this replica ({host})" in msg and f"last {MAX_RECENT} routed" in msg
     assert "X-FTP-Replica" in msg and "unknown" not in msg
     # every response names the replica, /v1 included
     assert client.get("/v1/models").headers["x-ftp-replica"] == host
