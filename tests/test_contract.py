@@ -103,3 +103,38 @@ def test_names_match_the_plugin():
     assert plugin.SPARSITY_KEY == contract.SPARSITY_KEY
     assert plugin.STATS_METHOD == contract.STATS_METHOD
     assert callable(getattr(FTPWorkerExtension, contract.STATS_METHOD))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_engine_serves_a_refused_value_dense(tiny_llama_dir, tmp_path, capfd):
+    """Offline (no server in front), the worker applies the same rule: a numeric string is
+    refused, that request runs dense (no routing record) and the reason is logged."""
+    pytest.importorskip("vllm")
+    from vllm import LLM, SamplingParams
+
+    from ftp_vllm.plugin import routing_overrides
+    from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact, shutdown_engine
+
+    art = make_artifact(tmp_path / "art", hf_fingerprint(tiny_llama_dir)[0], kind="mlp")
+    llm = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(art, 0.3),
+              skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0)
+    try:
+        prompt = {"prompt_token_ids": list(range(3, 43))}
+
+        def run(value):
+            sp = SamplingParams(max_tokens=4, temperature=0.0, detokenize=False,
+                                ignore_eos=True, extra_args={SPARSITY_KEY: value})
+            out = llm.generate([prompt], sp)[0].outputs[0].token_ids
+            stats = llm.collective_rpc("ftp_routing_stats", kwargs={"drain_requests": True})
+            return list(out), [r["target_sparsity"] for r in stats[0]["requests"]]
+
+        dense, dense_records = run(0.0)
+        refused, refused_records = run("0.2")
+        _, routed_records = run(0.2)
+    finally:
+        shutdown_engine(llm)
+    assert dense_records == [] and refused_records == [] and routed_records == [0.2]
+    assert refused == dense
+    out, err = capfd.readouterr()
+    assert "send the number 0.2 without quotes" in out + err
