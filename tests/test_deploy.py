@@ -13,6 +13,7 @@ holds) is built.
 from __future__ import annotations
 
 import base64
+import copy
 import importlib.util
 import json
 import re
@@ -182,6 +183,11 @@ def one(docs, kind: str, name: str | None = None) -> dict:
 def container(pod_spec: dict, name: str | None = None) -> dict:
     cs = pod_spec["containers"]
     return cs[0] if name is None else next(c for c in cs if c["name"] == name)
+
+
+def set_flag(args: list[str], flag: str, value: str) -> list[str]:
+    i = args.index(flag)
+    return [*args[: i + 1], value, *args[i + 2:]]
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
@@ -624,15 +630,31 @@ def test_multi_node_leaderworkerset():
     assert lwt["restartPolicy"] == "RecreateGroupOnPodRestart"
     leader_pod, worker_pod = lwt["leaderTemplate"]["spec"], lwt["workerTemplate"]["spec"]
     leader, worker = container(leader_pod), container(worker_pod)
-    # The leader bootstraps Ray and serves; the workers join its Ray cluster.
-    assert leader["command"] == worker["command"] == ["ftp-vllm-ray-node"]
-    assert leader["args"][0] == "leader" and worker["args"] == ["worker"]
-    tp = int(flag_value(leader["args"], "--tensor-parallel-size"))
-    pp = int(flag_value(leader["args"] + ["--pipeline-parallel-size", "1"],
-                        "--pipeline-parallel-size"))
+    # Both run the image's `ftp-vllm serve` with vLLM's multi-node flags (multiprocessing
+    # executor): one tensor-parallel group over every GPU of the group, no pipeline stages.
+    assert "command" not in leader and "command" not in worker
+    largs, wargs = leader["args"], worker["args"]
     gpus = int(leader["resources"]["limits"]["nvidia.com/gpu"])
-    assert tp * pp == gpus * lwt["size"], "TP x PP must equal the group's GPUs"
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)
+    for args in (largs, wargs):
+        assert int(flag_value(args, "--tensor-parallel-size")) == gpus * lwt["size"]
+        assert flag_value(args, "--pipeline-parallel-size") in (None, "1")
+        assert int(flag_value(args, "--nnodes")) == lwt["size"]
+        assert flag_value(args, "--distributed-executor-backend") == "mp"
+        assert flag_value(args, "--master-addr") == "$(LWS_LEADER_ADDRESS)"
+    assert flag_value(largs, "--node-rank") == "0"
+    assert flag_value(wargs, "--node-rank") == "$(LWS_WORKER_INDEX)"
+    assert "--headless" in wargs and "--headless" not in largs
+    assert flag_value(largs, "--master-port") == flag_value(wargs, "--master-port")
+    # Apart from the node rank and --headless, leader and workers run the same command.
+    def rest(args):
+        return [a for a in set_flag(args, "--node-rank", "N") if a != "--headless"]
+    assert rest(largs) == rest(wargs)
+    for ctr in (leader, worker):  # each pod's own address for vLLM's cross-node queues
+        host_ip = next(e for e in ctr["env"] if e["name"] == "VLLM_HOST_IP")
+        assert host_ip["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    port = int(flag_value(largs, "--master-port"))
+    assert any(p["containerPort"] == port for p in leader["ports"])
     _check_serving_container(docs, leader_pod, leader, gpus=gpus)
     _model_and_router(docs, leader_pod, leader)
     # Workers load the plugin too: same settings, same model and router mounts.
@@ -646,6 +668,111 @@ def test_multi_node_leaderworkerset():
                                        "role": leader_labels["role"]}
     assert leader_labels["app.kubernetes.io/name"] == "ftp-vllm"
     assert not any(p.get("name") == "http" for p in worker.get("ports", []))
+
+
+# --- serve flags against the plugin's refusal rules ---------------------------------------------
+# What the kubelet substitutes for $(VAR) in args: the values a LeaderWorkerSet injects.
+K8S_ENV_SAMPLES = {"LWS_LEADER_ADDRESS": "ftp-vllm-mn-0.ftp-vllm-mn.ftp-vllm",
+                   "LWS_WORKER_INDEX": "1", "LWS_GROUP_SIZE": "2"}
+
+
+def image_command(dockerfile: str = "Dockerfile") -> list[str]:
+    """What a container of the image runs without command/args: ENTRYPOINT + CMD."""
+    path = ROOT / dockerfile
+    entry = instr_args(path, "ENTRYPOINT")
+    cmd = instr_args(path, "CMD")
+    return (json.loads(entry[-1]) if entry else []) + (json.loads(cmd[-1]) if cmd else [])
+
+
+def serve_args(argv: list[str]) -> list[str] | None:
+    """The `ftp-vllm serve` arguments a container command amounts to; None when it serves
+    nothing (the Ray bootstrap's worker). An unknown command fails: every shipped command
+    must be checked."""
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: K8S_ENV_SAMPLES[m.group(1)], a) for a in argv]
+    if argv[:2] == ["ftp-vllm", "serve"]:
+        return argv[2:]
+    if argv[:2] == ["ftp-vllm-ray-node", "leader"]:  # execs `ftp-vllm serve` with the rest
+        return argv[2:]
+    if argv == ["ftp-vllm-ray-node", "worker"]:
+        return None
+    raise AssertionError(f"unknown container command {argv}: teach serve_args() about it")
+
+
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    if doc["kind"] == "LeaderWorkerSet":
+        lwt = doc["spec"]["leaderWorkerTemplate"]
+        return [(role, lwt[role]["spec"]) for role in ("leaderTemplate", "workerTemplate")
+                if role in lwt]
+    if doc["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return [("template", doc["spec"]["template"]["spec"])]
+    if doc["kind"] == "Pod":
+        return [("spec", doc["spec"])]
+    return []
+
+
+def manifest_serve_commands(docs, where: str) -> list[tuple[str, list[str]]]:
+    """(container, serve args) of every serving container in rendered manifests."""
+    out = []
+    for doc in docs:
+        for role, pod in pod_templates(doc):
+            for ctr in pod.get("initContainers", []) + pod["containers"]:
+                argv = (ctr.get("command") or image_command()) + ctr.get("args", [])
+                args = serve_args(argv)
+                if args is not None:
+                    name = f"{where}: {doc['kind']}/{doc['metadata']['name']} {role} {ctr['name']}"
+                    out.append((name, args))
+    return out
+
+
+def refusal_problems(commands: list[tuple[str, list[str]]]) -> list[str]:
+    """Each routed serve command's settings that the plugin refuses (its own rules)."""
+    refusals = pytest.importorskip("ftp_vllm.plugin.refusals",
+                                   reason="vLLM is not installed (pip install '.[cpu]')")
+    out = []
+    for where, args in commands:
+        if "--no-routing" in args:  # vanilla vLLM: the plugin's rules do not apply
+            continue
+        out += [f"{where}: {rule.describe(value)}"
+                for rule, value in refusals.refusals_for_args(args)]
+    return out
+
+
+def all_serve_commands() -> list[tuple[str, list[str]]]:
+    out = [(dockerfile, serve_args(image_command(dockerfile))) for dockerfile in DOCKERFILES]
+    for kdir in KUSTOMIZATIONS:
+        out += manifest_serve_commands(rendered(kdir), kdir)
+    return out
+
+
+def test_shipped_serve_flags_pass_the_plugins_refusal_rules():
+    """Every `ftp-vllm serve` the Dockerfiles and manifests start, against the rules the plugin
+    applies at engine start (ftp_vllm.plugin.refusals): a refused flag is a crash loop."""
+    commands = all_serve_commands()
+    where = {w.split(":")[0] for w, _ in commands}
+    assert set(DOCKERFILES) | set(KUSTOMIZATIONS) - {"storage"} <= where, where
+    problems = refusal_problems(commands)
+    assert not problems, "\n".join(problems)
+
+
+def test_refusal_check_catches_the_old_pipeline_parallel_multi_node_manifest():
+    """The multi-node example as shipped before (Ray bootstrap, TP 8 x PP 2) fails the check,
+    and so does today's with a pipeline-parallel flag added."""
+    docs = copy.deepcopy(rendered("multi-node"))
+    old = container(one(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+                    ["leaderTemplate"]["spec"])
+    old["command"] = ["ftp-vllm-ray-node"]
+    old["args"] = ["leader", "--model", "/models/model", "--tensor-parallel-size", "8",
+                   "--pipeline-parallel-size", "2"]
+    problems = refusal_problems(manifest_serve_commands(docs, "old"))
+    assert len(problems) == 1 and "--pipeline-parallel-size 2" in problems[0], problems
+    assert "leaderTemplate" in problems[0]
+    docs = copy.deepcopy(rendered("multi-node"))
+    worker = container(one(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]
+                       ["workerTemplate"]["spec"])
+    worker["args"] += ["--kv-cache-dtype", "fp8"]
+    problems = refusal_problems(manifest_serve_commands(docs, "new"))
+    assert len(problems) == 1 and "workerTemplate" in problems[0], problems
+    assert "--kv-cache-dtype fp8" in problems[0]
 
 
 # --- Prometheus ---------------------------------------------------------------------------------
