@@ -46,3 +46,11 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hd64_dir(tmp_path_factory) -> Path:
+    """Head size 64: the smallest every GPU backend takes (FlashInfer: 64, 128, 256, 512)."""
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-llama-hd64"), "llama", seed=3, hidden_size=256
+    )

@@ -19,43 +19,24 @@ from ftp_vllm.plugin.testing import (  # noqa: E402
     make_artifact,
     masks_by_request,
     prompt_logprobs,
-    reference_logprobs,
-    shutdown_engine,
+    set_request_limit,
 )
-from ftp_vllm.reference import greedy_generate, routed_forward  # noqa: E402
-from ftp_vllm.routing.router import MaskRouter  # noqa: E402
+from tests.engine_helpers import (  # noqa: E402, F401  (names other engine tests import)
+    LOGPROB_TOL,
+    MAX_NEW,
+    check_against_reference,
+    engine_kwargs,
+    insecure_rpc,
+    params,
+    random_prompt,
+    run,
+    shutdown,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 SPARSITY = 0.3
-MAX_NEW = 8
 LENGTHS = (3, 17, 40, 97, 150)  # 97 and 150 exceed the 64-token step budget asked for
-LOGPROB_TOL = 2e-4
-
-
-def random_prompt(n: int, seed: int, vocab: int = 256) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n,), generator=g).tolist()
-
-
-def engine_kwargs(**kw):
-    return dict(
-        skip_tokenizer_init=True, dtype="float32", max_model_len=512, seed=0,
-        max_num_seqs=16, **kw,
-    )
-
-
-def params(sparsity=None, prompt_logprobs=0, max_tokens=MAX_NEW):
-    from vllm import SamplingParams
-
-    extra = None if sparsity is None else {"ftp_sparsity": sparsity}
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, prompt_logprobs=prompt_logprobs,
-        detokenize=False, extra_args=extra, ignore_eos=True,
-    )
-
-
-shutdown = shutdown_engine
 
 
 @pytest.fixture(scope="module")
@@ -97,41 +78,18 @@ def vanilla_outputs(tiny_llama_dir, prompts):
 def llm(tiny_llama_dir, artifact, vanilla_outputs):
     from vllm import LLM
 
-    engine = LLM(
-        str(tiny_llama_dir),
-        hf_overrides=routing_overrides(artifact, SPARSITY),
-        enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=True,
-        **engine_kwargs(),
-    )
-    engine.collective_rpc("ftp_record_masks")
-    yield engine
-    shutdown(engine)
-
-
-def run(llm, prompts, sampling):
-    """Generate; returns (outputs, {request id: keep mask}) in prompt order."""
-    if not isinstance(sampling, list):
-        sampling = [sampling] * len(prompts)
-    llm.collective_rpc("ftp_pop_masks")
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)
-    masks = masks_by_request(llm.collective_rpc("ftp_pop_masks")[0])
-    return outs, [masks.get(o.request_id) for o in outs]
-
-
-def check_against_reference(
-    hf_model, router, prompt, out, mask, sparsity, tol=LOGPROB_TOL, rtol=0.0
-):
-    """Prompt logprobs and greedy tokens equal the reference replaying the plugin's mask;
-    returns the agreement of the plugin's decisions with the reference router's own."""
-    blocks = router.schedule.blocks(sparsity)
-    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks)
-    assert list(out.outputs[0].token_ids) == ref.tokens
-    got = prompt_logprobs(out)
-    want = reference_logprobs(ref.prompt_logits, prompt)
-    assert torch.allclose(got, want, atol=tol, rtol=rtol), (got - want).abs().max()
-    own = routed_forward(hf_model, torch.tensor(prompt), None, router.router, blocks)
-    assert bool(own.keep[:, 0].all()) and bool(own.keep[:, -1].all())
-    return (own.keep == mask).float().mean().item()
+    # test_request_limit_splits_attention sends a function: both ends need the setting for
+    # the engine's whole life
+    with insecure_rpc():
+        engine = LLM(
+            str(tiny_llama_dir),
+            hf_overrides=routing_overrides(artifact, SPARSITY),
+            enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=True,
+            **engine_kwargs(),
+        )
+        engine.collective_rpc("ftp_record_masks")
+        yield engine
+        shutdown(engine)
 
 
 def test_features_switched_off(llm):
@@ -225,3 +183,26 @@ def test_routing_stats(llm, prompts):
     assert len(stats["requests"]) == 3
     for rec in stats["requests"]:
         assert 0.0 <= rec["token_sparsity"] < 1.0 and rec["flop_speedup"] >= 1.0
+
+
+def test_request_limit_splits_attention(llm, hf, router, prompts):
+    """A backend builder that takes few requests (FlashInfer: max_num_seqs) gets the layer's
+    virtual requests in several builds and attention calls; results do not change."""
+    llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+    whole, whole_masks = run(llm, prompts, params())
+    builds_whole = llm.collective_rpc("ftp_routing_stats")[0]["metadata_builds"]
+    assert llm.collective_rpc(set_request_limit, args=(2,)) == [2]
+    try:
+        llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+        split, split_masks = run(llm, prompts, params())
+        builds_split = llm.collective_rpc("ftp_routing_stats")[0]["metadata_builds"]
+    finally:
+        llm.collective_rpc(set_request_limit, args=(None,))
+    # the scattered MLP router makes far more than 2 runs per layer: many more builds
+    assert builds_split > 2 * builds_whole
+    for i, (a, b) in enumerate(zip(whole, split, strict=True)):
+        assert torch.equal(whole_masks[i], split_masks[i])
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+        assert torch.allclose(prompt_logprobs(a), prompt_logprobs(b), atol=1e-5, rtol=0)
+    for prompt, out, mask in zip(prompts, split, split_masks, strict=True):
+        check_against_reference(hf[1], router, prompt, out, mask, SPARSITY)

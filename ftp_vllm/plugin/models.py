@@ -4,7 +4,8 @@ A routed layer, on a step with prompts to route:
   input norm + q/k/v + RoPE for every token -> K/V of every token written to the paged cache
   -> router decisions for prompt tokens (shared routing code, factors from q/k of this layer)
   -> attention with the kept tokens' queries over all keys (subset metadata from the
-     backend's own builder) -> o_proj, post-attention norm and MLP for kept tokens only
+     backend's own builder; one call per group of virtual requests the backend accepts)
+  -> o_proj, post-attention norm and MLP for kept tokens only
   -> scatter back: skipped rows return (0, residual), so vLLM's next fused add passes their
      hidden state through bit-exactly.
 Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code.
@@ -95,10 +96,14 @@ class RoutedLayerMixin:
         attn_out = torch.empty(
             (num_kept, attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device
         )
-        attn.impl.forward(
-            attn, query, key.index_select(0, idx), value.index_select(0, idx),
-            attn.kv_cache, route.metadata, output=attn_out,
-        )
+        kept_key = key.index_select(0, idx)
+        kept_value = value.index_select(0, idx)
+        for part in route.parts:  # one call per group of virtual requests the backend takes
+            a, b = part.start, part.end
+            attn.impl.forward(
+                attn, query[a:b], kept_key[a:b], kept_value[a:b], attn.kv_cache,
+                rt.part_metadata(plan, part), output=attn_out[a:b],
+            )
         out, _ = sa.o_proj(attn_out.view(num_kept, -1))
         h, res_kept = self.post_attention_layernorm(out, residual.index_select(0, idx))
         h = self.mlp(h)
@@ -148,6 +153,7 @@ class RoutedModelMixin:
             shape=BlockShape.from_config(cfg),
             vllm_config=vllm_config,
             tp_size=get_tensor_model_parallel_world_size(),
+            backend_name=backend.get_name(),
         )
         install(runtime, backend.get_builder_cls())
 

@@ -4,7 +4,8 @@ One routed model lives in a worker process; ``RoutingRuntime`` is its shared sta
 forward step it builds a ``StepPlan`` once (at the first routed layer): which tokens are
 prompt tokens to route (whole prompts: chunked prefill and prefix caching are off for routed
 models), each one's per-block sparsity targets (from its request's own target), and a cache
-of subset attention metadata keyed by keep mask, so layers with equal masks share one build.
+of subset attention metadata keyed by keep mask (``subset.MetadataCache``: layers with equal
+masks share one build where the backend allows it).
 
 Two small hooks feed it, both installed only when a routed model is constructed:
 - the attention backend's metadata builder ``build`` is wrapped to keep the step's
@@ -28,6 +29,14 @@ from vllm.logger import init_logger
 from ftp_vllm.contract import request_sparsity
 from ftp_vllm.flops import BlockShape
 from ftp_vllm.plugin.stats import RoutingStats
+from ftp_vllm.plugin.subset import (
+    BackendPolicy,
+    KeptRuns,
+    MetadataCache,
+    backend_policy,
+    kept_runs,
+    split_runs,
+)
 from ftp_vllm.routing.layout import TokenLayout
 from ftp_vllm.routing.router import RouterInputs, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
@@ -60,9 +69,20 @@ class RequestInfo:
 
 
 @dataclass
+class AttnPart:
+    """One attention call of a routed layer: kept tokens [start, end) of the layer's kept
+    list, as at most the backend's limit of virtual requests."""
+
+    start: int
+    end: int
+    cm: Any  # CommonAttentionMetadata of these virtual requests
+    key: tuple[bytes, int]  # (keep mask, first run): the metadata cache key
+
+
+@dataclass
 class LayerRoute:
     kept_idx: Tensor  # [K] long, flattened indices of tokens that run the block
-    metadata: Any  # backend attention metadata for the kept queries
+    parts: list[AttnPart]  # attention calls, in kept-token order
 
 
 @dataclass
@@ -80,8 +100,12 @@ class StepPlan:
     tok_pos: np.ndarray
     cm: Any
     keeps: np.ndarray  # [L, Tr] bool, filled layer by layer
-    meta_cache: dict[bytes, Any] = field(default_factory=dict)
-    builds: int = 0
+    meta_cache: MetadataCache  # built backend metadata (reuse per backend policy)
+    routes: dict[bytes, LayerRoute] = field(default_factory=dict)  # host-side, by keep mask
+
+    @property
+    def builds(self) -> int:
+        return self.meta_cache.builds
 
 
 class RoutingRuntime:
@@ -94,6 +118,7 @@ class RoutingRuntime:
         shape: BlockShape,
         vllm_config: Any,
         tp_size: int,
+        backend_name: str = "",
     ):
         self.router = router
         self.schedule = schedule
@@ -107,7 +132,10 @@ class RoutingRuntime:
         self._cm_builder = None
         self._req_info: RequestInfo | None = None
         self._req_cache: dict[str, float] = {}
+        self.backend_name = backend_name
         self._builder = None
+        self._policy: BackendPolicy | None = None
+        self.max_virtual_requests: int | None = None  # tests may lower it (see testing.py)
         self._plan: StepPlan | None = None
         self._plan_ctx: Any = None
         self._warned: set[str] = set()
@@ -227,6 +255,7 @@ class RoutingRuntime:
             tok_pos=tok_pos,
             cm=cm,
             keeps=np.ones((self.num_layers, len(routed_idx_np)), dtype=bool),
+            meta_cache=MetadataCache(self.policy().reusable),
         )
 
     # ------------------------------------------------------------------ per layer
@@ -263,10 +292,18 @@ class RoutingRuntime:
         keep_all = np.ones(plan.num_tokens, dtype=bool)
         keep_all[plan.routed_idx_np] = keep_np
         key = np.packbits(keep_all).tobytes()
-        route = plan.meta_cache.get(key)
+        route = plan.routes.get(key)
         if route is None:
-            route = plan.meta_cache[key] = self._subset_metadata(plan, keep_all)
+            route = plan.routes[key] = self._subset_route(plan, keep_all, key)
         return route
+
+    def part_metadata(self, plan: StepPlan, part: AttnPart) -> Any:
+        """The backend metadata of one attention call; fetch it right before the call (a
+        stateful backend's metadata is valid only until the builder's next build)."""
+        return plan.meta_cache.get(
+            part.key,
+            lambda: self._get_builder().build(common_prefix_len=0, common_attn_metadata=part.cm),
+        )
 
     def finish_step(self, plan: StepPlan) -> None:
         self.stats.record_step(plan)
@@ -275,53 +312,88 @@ class RoutingRuntime:
     def _get_builder(self) -> Any:
         if self._builder is None:
             b = self._cm_builder
-            # A builder of our own: backends keep persistent buffers in theirs.
-            self._builder = type(b)(b.kv_cache_spec, b.layer_names, b.vllm_config, b.device)
+            # A builder of our own: backends keep persistent buffers and (FlashInfer)
+            # planned wrappers in theirs, which the engine's own layers still use this step.
+            own = type(b)(b.kv_cache_spec, b.layer_names, b.vllm_config, b.device)
+            if hasattr(b, "_get_workspace_buffer") and hasattr(own, "set_workspace_buffer"):
+                # FlashInfer: share the engine builder's float workspace (scratch that lives
+                # within one kernel run; vLLM's V2 runner shares it across builders too)
+                # instead of allocating hundreds of MiB more after the KV cache was sized.
+                own.set_workspace_buffer(b._get_workspace_buffer())
+            self._builder = own
         return self._builder
 
-    def _subset_metadata(self, plan: StepPlan, keep_all: np.ndarray) -> LayerRoute:
-        """Metadata for the kept queries over all keys: one virtual request per run of
-        consecutive kept tokens of one request (the run's last position + 1 keys, the
-        parent's block table row); kernels align queries bottom-right, so causality holds."""
+    def policy(self) -> BackendPolicy:
+        """Request limit and metadata reuse for this backend (``subset.backend_policy``)."""
+        if self._policy is None:
+            max_num_seqs = int(self.vllm_config.scheduler_config.max_num_seqs)
+            self._policy = backend_policy(self.backend_name, self._get_builder(), max_num_seqs)
+            logger.info(
+                "FTP routing: %s subset attention: %s",
+                self.backend_name or "unknown backend", self._policy.describe(),
+            )
+        return self._policy
+
+    def request_limit(self) -> int | None:
+        limit = self.policy().max_requests
+        if self.max_virtual_requests is not None:
+            limit = self.max_virtual_requests if limit is None else min(
+                limit, self.max_virtual_requests
+            )
+        return limit
+
+    def _subset_route(self, plan: StepPlan, keep_all: np.ndarray, key: bytes) -> LayerRoute:
+        """The kept tokens and their attention calls: virtual requests (``kept_runs``) in
+        groups of at most the backend's limit (``split_runs``)."""
+        runs = kept_runs(keep_all, plan.tok_req, plan.tok_pos)
+        device = plan.cm.query_start_loc.device
+        kept_t = torch.from_numpy(runs.kept).to(device)
+        parts = []
+        for lo, hi in split_runs(runs.num_runs, self.request_limit()):
+            start = int(runs.run_start[lo])
+            end = int(runs.run_start[hi]) if hi < runs.num_runs else len(runs.kept)
+            cm = self._subset_common_metadata(plan.cm, runs, lo, hi, kept_t[start:end])
+            parts.append(AttnPart(start=start, end=end, cm=cm, key=(key, lo)))
+        return LayerRoute(kept_idx=kept_t, parts=parts)
+
+    @staticmethod
+    def _subset_common_metadata(
+        cm: Any, runs: KeptRuns, lo: int, hi: int, kept_t: Tensor
+    ) -> Any:
+        """``CommonAttentionMetadata`` of virtual requests [lo, hi): each run of kept tokens
+        is a request whose query is the run and whose keys are its parent's positions up to
+        the run's last token (the parent's block-table row). Every field a vLLM 0.32 builder
+        reads is set from the runs or the step's metadata (list in ``subset.py``); fields for
+        features routed engines do not have (DCP, encoder, multimodal, R-SWA, fast prefill)
+        stay None."""
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        cm = plan.cm
-        kept = np.flatnonzero(keep_all)
-        req = plan.tok_req[kept]
-        new_run = np.ones(len(kept), dtype=bool)
-        new_run[1:] = (np.diff(kept) != 1) | (np.diff(req) != 0)
-        starts = np.flatnonzero(new_run)
-        ends = np.append(starts[1:], len(kept)) - 1
-        run_len = ends - starts + 1
-        run_req = req[starts]
-        run_seq = plan.tok_pos[kept[ends]] + 1
-        qsl = np.zeros(len(starts) + 1, dtype=np.int32)
+        run_len = runs.run_len[lo:hi]
+        run_req = runs.run_req[lo:hi]
+        qsl = np.zeros(hi - lo + 1, dtype=np.int32)
         np.cumsum(run_len, out=qsl[1:])
         device = cm.query_start_loc.device
-        kept_t = torch.from_numpy(kept).to(device)
         run_req_t = torch.from_numpy(run_req).to(device)
         qsl_cpu = torch.from_numpy(qsl)
-        seq_cpu = torch.from_numpy(run_seq.astype(np.int32))
-        sub = CommonAttentionMetadata(
+        seq_cpu = torch.from_numpy(runs.run_seq[lo:hi].astype(np.int32))
+        return CommonAttentionMetadata(
             query_start_loc=qsl_cpu.to(device),
             query_start_loc_cpu=qsl_cpu,
             seq_lens=seq_cpu.to(device),
-            num_reqs=len(starts),
-            num_actual_tokens=len(kept),
+            num_reqs=hi - lo,
+            num_actual_tokens=int(qsl[-1]),
             max_query_len=int(run_len.max()),
-            max_seq_len=int(run_seq.max()),
+            max_seq_len=int(seq_cpu.max()),
             block_table_tensor=cm.block_table_tensor.index_select(0, run_req_t),
             slot_mapping=cm.slot_mapping.index_select(0, kept_t),
             causal=True,
-            seq_lens_cpu_upper_bound=seq_cpu,
+            seq_lens_cpu_upper_bound=seq_cpu,  # exact: no speculative tokens in prefill runs
             is_prefilling=None
             if cm.is_prefilling is None
-            else cm.is_prefilling[torch.from_numpy(run_req)],
+            else cm.is_prefilling.index_select(0, run_req_t.to(cm.is_prefilling.device)),
             positions=None if cm.positions is None else cm.positions.index_select(0, kept_t),
+            req_idx=None if cm.req_idx is None else np.asarray(cm.req_idx)[run_req],
         )
-        plan.builds += 1
-        meta = self._get_builder().build(common_prefix_len=0, common_attn_metadata=sub)
-        return LayerRoute(kept_idx=kept_t, metadata=meta)
 
 
 # ---------------------------------------------------------------------- install

@@ -104,3 +104,16 @@ def reference_logprobs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     """[n-1] log-probabilities of ids[1:] from reference logits [n, V]."""
     lp = torch.log_softmax(logits.double(), dim=-1)
     return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def set_request_limit(worker: Any, limit: int | None) -> int | None:
+    """Tests, as ``collective_rpc(set_request_limit, args=(n,))``: cap the virtual requests
+    per subset-attention build below the backend's own limit (None: the backend's limit),
+    so the split path runs on backends without one; returns the cap set."""
+    from ftp_vllm.plugin.runtime import get_runtime
+
+    rt = get_runtime()
+    if rt is None:
+        return None
+    rt.max_virtual_requests = limit
+    return limit

@@ -1,0 +1,176 @@
+"""Engine parity helpers shared by the vLLM engine tests (CPU engine and the `gpu` suite).
+
+Each parity test starts a vanilla engine and a routed engine on the same checkpoint and
+compares: routing off == vanilla; routed == the reference forward replaying the plugin's
+keep masks (``MaskRouter``); a request's output does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ftp_vllm.plugin.testing import (
+    masks_by_request,
+    prompt_logprobs,
+    reference_logprobs,
+    shutdown_engine,
+)
+from ftp_vllm.reference import greedy_generate, routed_forward
+from ftp_vllm.routing.router import MaskRouter
+
+MAX_NEW = 8
+LOGPROB_TOL = 2e-4  # float32 engine vs float32 reference
+
+# bf16 engine vs float32 reference, prompt logprobs: bf16 keeps 8 significant bits (relative
+# rounding 2^-9, 0.2%) and the error adds up over the layers, so per prompt token
+# |engine - reference| <= BF16_ATOL + BF16_RTOL * |reference|, and the mean over a prompt
+# <= BF16_MEAN. The engine's own decisions (taken on bf16 router factors) equal the float32
+# reference router's on >= BF16_DECISION_AGREEMENT of the (token, block) pairs: a decision
+# near the router's boundary may flip.
+BF16_ATOL = 0.15
+BF16_RTOL = 0.02
+BF16_MEAN = 0.03
+BF16_DECISION_AGREEMENT = 0.97
+shutdown = shutdown_engine
+
+
+def random_prompt(n: int, seed: int, vocab: int = 256) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+def engine_kwargs(dtype: str = "float32", **kw: Any) -> dict[str, Any]:
+    """Offline `LLM` arguments of the parity tests (token ids in, no tokenizer)."""
+    base = dict(
+        skip_tokenizer_init=True, dtype=dtype, max_model_len=512, seed=0, max_num_seqs=16,
+    )
+    return {**base, **kw}
+
+
+def params(sparsity=None, prompt_logprobs=0, max_tokens=MAX_NEW):
+    from vllm import SamplingParams
+
+    extra = None if sparsity is None else {"ftp_sparsity": sparsity}
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, prompt_logprobs=prompt_logprobs,
+        detokenize=False, extra_args=extra, ignore_eos=True,
+    )
+
+
+def run(llm, prompts, sampling):
+    """Generate; returns (outputs, {request id: keep mask}) in prompt order."""
+    if not isinstance(sampling, list):
+        sampling = [sampling] * len(prompts)
+    llm.collective_rpc("ftp_pop_masks")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sampling)
+    masks = masks_by_request(llm.collective_rpc("ftp_pop_masks")[0])
+    return outs, [masks.get(o.request_id) for o in outs]
+
+
+def vanilla_results(model_dir: str | Path, prompts, **kw) -> list[tuple[list[int], torch.Tensor]]:
+    """Vanilla vLLM (its default mode): greedy tokens and prompt logprobs per prompt."""
+    from vllm import LLM
+
+    llm = LLM(str(model_dir), **engine_kwargs(**kw))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params())
+    result = [(list(o.outputs[0].token_ids), prompt_logprobs(o)) for o in outs]
+    shutdown(llm)
+    return result
+
+
+def check_against_reference(
+    hf_model, router, prompt, out, mask, sparsity, tol=LOGPROB_TOL, rtol=0.0,
+    check_tokens: bool = True,
+):
+    """Prompt logprobs and greedy tokens equal the reference replaying the plugin's mask;
+    returns the agreement of the plugin's decisions with the reference router's own."""
+    blocks = router.schedule.blocks(sparsity)
+    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks)
+    if check_tokens:
+        assert list(out.outputs[0].token_ids) == ref.tokens
+    got = prompt_logprobs(out)
+    want = reference_logprobs(ref.prompt_logits, prompt)
+    assert torch.allclose(got, want, atol=tol, rtol=rtol), (got - want).abs().max()
+    own = routed_forward(hf_model, torch.tensor(prompt), None, router.router, blocks)
+    assert bool(own.keep[:, 0].all()) and bool(own.keep[:, -1].all())
+    return (own.keep == mask).float().mean().item()
+
+
+def smollm2_dir() -> Path:
+    """The prepared SmolLM2 folder (`ftp-vllm model prepare`), or skip."""
+    from ftp_vllm.model.prepare import default_model_dir, read_marker
+
+    path = default_model_dir()
+    if not (path / "config.json").exists() or read_marker(path) is None:
+        pytest.skip("SmolLM2 is not prepared (run `ftp-vllm model prepare`)")
+    return path
+
+
+@contextmanager
+def insecure_rpc() -> Iterator[None]:
+    """Let `collective_rpc` send a function (vLLM refuses pickled callables otherwise).
+    Keep it set for the engine's whole life: its processes inherit it at start and the
+    client decodes their answers with it (an answer decoded without it is lost: a hang)."""
+    old = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
+        else:
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = old
+
+
+# ---------------------------------------------------------------------- bf16 parity suite
+def check_routing_off(llm, prompts, vanilla_eager, vanilla_default) -> None:
+    """Sparsity 0: token ids and prompt logprobs bit for bit equal to vanilla in eager mode
+    (the same kernels; routed engines run eager), token ids equal to vanilla's default mode."""
+    outs, masks = run(llm, prompts, params(sparsity=0.0))
+    assert all(m is None for m in masks)
+    for i, out in enumerate(outs):
+        tokens, lps = vanilla_eager[i]
+        assert list(out.outputs[0].token_ids) == tokens
+        got = prompt_logprobs(out)
+        assert torch.equal(got, lps), (got - lps).abs().max()
+        assert list(out.outputs[0].token_ids) == vanilla_default[i][0]
+
+
+def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> float:
+    """Routed bf16 engine vs the float32 reference replaying its masks (BF16_* tolerance,
+    equal greedy tokens); returns the realised token sparsity."""
+    outs, masks = run(llm, prompts, params())
+    pairs = agree = skipped = 0.0
+    blocks = artifact.schedule.blocks(sparsity)
+    for prompt, out, mask in zip(prompts, outs, masks, strict=True):
+        assert mask is not None and mask.shape[1] == len(prompt)
+        a = check_against_reference(
+            hf_model, artifact, prompt, out, mask, sparsity, tol=BF16_ATOL, rtol=BF16_RTOL
+        )
+        ref = routed_forward(hf_model, torch.tensor(prompt), None, MaskRouter(mask), blocks)
+        err = (prompt_logprobs(out) - reference_logprobs(ref.logits, prompt)).abs()
+        assert float(err.mean()) <= BF16_MEAN, float(err.mean())
+        pairs += mask.numel()
+        agree += a * mask.numel()
+        skipped += int((~mask).sum())
+    assert agree / pairs >= BF16_DECISION_AGREEMENT, agree / pairs
+    assert skipped / pairs > 0.1  # routing really skipped work
+    return skipped / pairs
+
+
+def check_batch_invariance(llm, prompts, atol: float = 0.0) -> None:
+    """Each prompt alone gives the batch's decisions and tokens (logprobs within atol)."""
+    batch, batch_masks = run(llm, prompts, params())
+    for i in (0, len(prompts) - 1):
+        alone, alone_masks = run(llm, [prompts[i]], params())
+        assert torch.equal(alone_masks[0], batch_masks[i])
+        assert list(alone[0].outputs[0].token_ids) == list(batch[i].outputs[0].token_ids)
+        got, want = prompt_logprobs(alone[0]), prompt_logprobs(batch[i])
+        assert torch.allclose(got, want, atol=atol, rtol=0), (got - want).abs().max()

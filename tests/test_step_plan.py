@@ -1,0 +1,131 @@
+"""Subset attention bookkeeping (no engine): virtual requests, build limits, metadata reuse."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ftp_vllm.plugin.subset import (
+    MetadataCache,
+    backend_policy,
+    kept_runs,
+    split_runs,
+)
+
+
+def step(lengths, computed=None):
+    """tok_req, tok_pos of a step whose requests have these query lengths."""
+    computed = computed or [0] * len(lengths)
+    tok_req = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    tok_pos = np.array(computed)[tok_req] + np.arange(sum(lengths)) - starts[tok_req]
+    return tok_req, tok_pos
+
+
+def test_runs_break_at_skips_and_at_request_boundaries():
+    tok_req, tok_pos = step([5, 3], computed=[0, 10])  # request 1 decodes past 10 tokens
+    keep = np.array([1, 1, 0, 1, 1, 1, 1, 1], dtype=bool)
+    runs = kept_runs(keep, tok_req, tok_pos)
+    assert runs.kept.tolist() == [0, 1, 3, 4, 5, 6, 7]
+    assert runs.run_len.tolist() == [2, 2, 3]  # tokens 3-4 | 5-7 split by the request edge
+    assert runs.run_req.tolist() == [0, 0, 1]
+    assert runs.run_seq.tolist() == [2, 5, 13]  # keys up to each run's last position
+
+
+def test_split_runs_bounds_every_group():
+    assert split_runs(7, None) == [(0, 7)]
+    assert split_runs(7, 7) == [(0, 7)]
+    assert split_runs(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert split_runs(0, 3) == []
+    with pytest.raises(ValueError, match="at least one"):
+        split_runs(5, 0)
+
+
+def test_split_groups_cover_the_kept_tokens_in_order():
+    rng = np.random.default_rng(0)
+    tok_req, tok_pos = step([40, 1, 57, 30])
+    keep = rng.random(len(tok_req)) < 0.6
+    runs = kept_runs(keep, tok_req, tok_pos)
+    assert runs.num_runs > 10  # scattered: many virtual requests
+    covered = []
+    for lo, hi in split_runs(runs.num_runs, 4):
+        assert hi - lo <= 4
+        start = runs.run_start[lo]
+        end = runs.run_start[hi] if hi < runs.num_runs else len(runs.kept)
+        assert end - start == runs.run_len[lo:hi].sum()
+        covered.extend(runs.kept[start:end].tolist())
+    assert covered == runs.kept.tolist()
+
+
+class Builds:
+    def __init__(self):
+        self.made = []
+
+    def __call__(self, key):
+        def build():
+            self.made.append(key)
+            return {"plan": key, "n": len(self.made)}
+
+        return build
+
+
+@pytest.mark.parametrize("reusable", [True, False])
+def test_cache_reuses_equal_consecutive_masks(reusable):
+    cache, builds = MetadataCache(reusable), Builds()
+    first = cache.get("A", builds("A"))
+    assert cache.get("A", builds("A")) is first
+    assert builds.made == ["A"] and cache.builds == 1
+
+
+def test_stateful_backend_rebuilds_a_b_a():
+    """FlashInfer re-plans its one wrapper per build: A's metadata is stale after B."""
+    cache, builds = MetadataCache(reusable=False), Builds()
+    a1 = cache.get("A", builds("A"))
+    cache.get("B", builds("B"))
+    a2 = cache.get("A", builds("A"))
+    assert builds.made == ["A", "B", "A"] and a2 is not a1 and cache.builds == 3
+
+
+def test_stateless_backend_reuses_a_b_a():
+    cache, builds = MetadataCache(reusable=True), Builds()
+    a1 = cache.get("A", builds("A"))
+    cache.get("B", builds("B"))
+    assert cache.get("A", builds("A")) is a1
+    assert builds.made == ["A", "B"] and cache.builds == 2
+
+
+def test_split_parts_of_one_mask_rebuild_on_a_stateful_backend():
+    """Two layers with mask A split in two parts: (A,0) (A,1) (A,0) (A,1) -> 4 builds."""
+    cache, builds = MetadataCache(reusable=False), Builds()
+    for _ in range(2):
+        for part in (("A", 0), ("A", 1)):
+            assert cache.get(part, builds(part))["plan"] == part
+    assert cache.builds == 4
+
+
+def buf(n):
+    return torch.zeros(n, dtype=torch.int32)
+
+
+def test_backend_policies_follow_the_builders():
+    # Attribute names as in vLLM 0.32's builders (vllm/v1/attention/backends/).
+    fi = backend_policy("FLASHINFER", SimpleNamespace(max_num_reqs=128), 256)
+    assert fi.max_requests == 128 and not fi.reusable
+    assert backend_policy("CPU_ATTN", SimpleNamespace(), 16).max_requests is None
+    assert backend_policy("CPU_ATTN", SimpleNamespace(), 16).reusable
+    eager_fa = SimpleNamespace(scheduler_metadata=None, _dcp_context_kv_lens=None)
+    assert backend_policy("FLASH_ATTN", eager_fa, 16).max_requests is None
+    assert backend_policy("FLASH_ATTN", eager_fa, 16).reusable
+    graph_fa = SimpleNamespace(scheduler_metadata=buf(1 + 4 * 64))  # full CUDA graphs + FA3
+    pol = backend_policy("FLASH_ATTN", graph_fa, 16)
+    assert pol.max_requests == 64 and not pol.reusable
+    triton = SimpleNamespace(persistent_rswa_prefix_lens=None)
+    assert backend_policy("TRITON_ATTN", triton, 16).max_requests is None
+    assert backend_policy("TRITON_ATTN", triton, 16).reusable
+    rswa = backend_policy("TRITON_ATTN", SimpleNamespace(persistent_rswa_prefix_lens=buf(8)), 8)
+    assert rswa.max_requests == 8 and not rswa.reusable
+    other = backend_policy("SOMETHING_NEW", SimpleNamespace(), 32)
+    assert other.max_requests == 32 and not other.reusable
