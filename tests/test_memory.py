@@ -247,3 +247,19 @@ def test_an_empty_kv_space_variable_counts_as_unset(monkeypatch):
     monkeypatch.setenv(ENV_KV_SPACE, "")
     assert auto_kv_cache("nowhere", on_cpu=True, memory=node(6, 8)) is not None
     assert ENV_KV_SPACE not in os.environ
+
+
+@pytest.mark.vllm
+def test_offline_engines_get_the_same_rule(tmp_path, monkeypatch):
+    """`ftp-vllm bench` and `eval --engine vllm` build `vllm.LLM` with these keywords."""
+    pytest.importorskip("vllm")
+    from ftp_vllm.plugin.memory import llm_kv_kwargs
+    from tests.conftest import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "m")
+    monkeypatch.delenv(ENV_KV_SPACE, raising=False)
+    kw = llm_kv_kwargs(folder, dtype="float32", max_model_len=128)
+    # 2 KiB per token x 128 x 256 sequences (LLM's default): the engine can use no more.
+    assert kw == {"kv_cache_memory_bytes": 2048 * 128 * 256}
+    monkeypatch.setenv(ENV_KV_SPACE, "1")
+    assert llm_kv_kwargs(folder, dtype="float32", max_model_len=128) == {}

@@ -395,6 +395,10 @@ def llm_kv_kwargs(model: str | Path, **kw: Any) -> dict[str, int]:
     choice = auto_kv_cache(model, **{"default_max_num_seqs": 256, **kw})
     if choice is None:
         return {}
+    from vllm.config.logging import LoggingConfig
+    from vllm.logger import configure_logging_if_needed
+
+    configure_logging_if_needed(LoggingConfig())  # what LLM() does first (same defaults)
     logger.info("%s", choice.describe())
     return {"kv_cache_memory_bytes": choice.kv_bytes}
 
