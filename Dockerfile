@@ -38,8 +38,8 @@ ENV FTP_VLLM_HOME=/opt/ftp-vllm \
 ARG PIP_BREAK_SYSTEM_PACKAGES=1
 ARG PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# The build context is an allowlist (.dockerignore): pyproject.toml, README.md, ftp_vllm/,
-# server/ and deploy/docker/.
+# The build context is an allowlist (.dockerignore): pyproject.toml, README.md, ftp_vllm/
+# and deploy/docker/.
 COPY . /tmp/ftp-vllm-src/
 
 # vLLM (and torch, transformers, safetensors) come with the base image: install this package

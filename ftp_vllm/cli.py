@@ -23,10 +23,10 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.data.command",  # data show | list
     "ftp_vllm.training.command",  # schedule, train
     "ftp_vllm.eval.command",  # eval
-    "ftp_vllm.eval.report",  # report
-    "ftp_vllm.plugin.bench",  # bench prefill
+    "ftp_vllm.report",  # report
+    "ftp_vllm.bench.prefill",  # bench prefill
     "ftp_vllm.cli",  # demo (below)
-    "server.command",  # serve, serve-bench
+    "ftp_vllm.server.command",  # serve, serve-bench
 ]
 
 DEMO_PROMPT = (

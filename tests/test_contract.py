@@ -81,7 +81,7 @@ def test_server_and_worker_agree(value, expected):
     """The server's HTTP check and the worker's parsing give the same verdict for every case."""
     from ftp_vllm.plugin.runtime import parse_request_sparsity
     from ftp_vllm.routing.schedule import SparsitySchedule
-    from server.validation import check_request_sparsity
+    from ftp_vllm.server.validation import check_request_sparsity
 
     schedule = SparsitySchedule.uniform([0.2, MAX], 4)
     server_reason = check_request_sparsity(value, MAX, True)

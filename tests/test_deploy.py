@@ -306,7 +306,7 @@ def _copy_sources(path: Path) -> list[str]:
 
 
 # What the images need from the build context; .dockerignore lets in exactly these.
-CONTEXT_PATHS = ["pyproject.toml", "README.md", "LICENSE", "ftp_vllm", "server", "deploy/docker"]
+CONTEXT_PATHS = ["pyproject.toml", "README.md", "LICENSE", "ftp_vllm", "deploy/docker"]
 
 
 def _junk(rel: str) -> bool:

@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from server.testing import (
-    ServerProcess,
-    http_json,
-    make_router,
-    make_tiny_chat_model,
-    metric_sum,
-    metric_value,
-    scrape,
-)
+from ftp_vllm.server.client import http_json, metric_sum, metric_value, scrape
+from ftp_vllm.server.process import ServerProcess
+from tests.tiny_models import make_router, make_tiny_chat_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

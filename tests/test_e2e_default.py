@@ -16,8 +16,9 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from ftp_vllm.plugin.memory import ENV_KV_SPACE  # noqa: E402
-from server.settings import DEFAULT_SPARSITY, shipped_router  # noqa: E402
-from server.testing import ServerProcess, http_json, metric_sum, metric_value, scrape  # noqa: E402
+from ftp_vllm.server.client import http_json, metric_sum, metric_value, scrape  # noqa: E402
+from ftp_vllm.server.process import ServerProcess  # noqa: E402
+from ftp_vllm.server.settings import DEFAULT_SPARSITY, shipped_router  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -22,15 +22,9 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 from ftp_vllm.plugin.memory import ENV_KV_SPACE, read_node_memory  # noqa: E402
-from server.settings import ENV_ROUTER, ENV_SPARSITY  # noqa: E402
-from server.testing import (  # noqa: E402
-    CommandServer,
-    alive,
-    descendants,
-    free_port,
-    group_pids,
-    scrape,
-)
+from ftp_vllm.server.client import free_port, scrape  # noqa: E402
+from ftp_vllm.server.process import CommandServer, alive, descendants, group_pids  # noqa: E402
+from ftp_vllm.server.settings import ENV_ROUTER, ENV_SPARSITY  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ftp_vllm.eval.command import canonical_command, default_output
-from ftp_vllm.eval.report import TEMPLATE, accuracy_rows, load_results, render, write_report
+from ftp_vllm.report import TEMPLATE, accuracy_rows, load_results, render, write_report
 
 TASKS = ["piqa", "winogrande"]
 

@@ -198,7 +198,7 @@ def test_serve_applies_the_rule_unless_the_user_sized_it(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
     from vllm.engine.arg_utils import EngineArgs
 
-    from server.app import prepare_args, size_kv_cache
+    from ftp_vllm.server.app import prepare_args, size_kv_cache
     from tests.conftest import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(tmp_path / "m")
@@ -230,7 +230,7 @@ def test_serve_stops_with_the_clear_error_when_memory_is_too_small(tmp_path):
 
     folder = make_tiny_checkpoint(tmp_path / "m")
     env = {k: v for k, v in os.environ.items() if k != ENV_KV_SPACE}
-    out = subprocess.run([sys.executable, "-m", "server", str(folder), "--no-routing",
+    out = subprocess.run([sys.executable, "-m", "ftp_vllm.server", str(folder), "--no-routing",
                           "--max-model-len", "100000000"], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode != 0

@@ -24,7 +24,8 @@ import yaml
 
 pytest.importorskip("vllm")
 
-from server.testing import CommandServer, free_port, http_json, metric_sum, scrape  # noqa: E402
+from ftp_vllm.server.client import free_port, http_json, metric_sum, scrape  # noqa: E402
+from ftp_vllm.server.process import CommandServer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -81,7 +82,7 @@ class Headless:
 
 @pytest.fixture(scope="module")
 def router(tiny_llama_dir, tmp_path_factory):
-    from server.testing import make_router
+    from tests.tiny_models import make_router
 
     return make_router(tiny_llama_dir, tmp_path_factory.mktemp("mn") / "router")
 
@@ -101,7 +102,7 @@ def test_manifest_args_start_a_routed_group_across_two_processes(tiny_llama_dir,
                                  master_port=master_port)
     base_env = {**os.environ, "VLLM_HOST_IP": HOST, "VLLM_NO_USAGE_STATS": "1",
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    python = [sys.executable, "-m", "server"]
+    python = [sys.executable, "-m", "ftp_vllm.server"]
     leader = CommandServer(python + leader_argv + common + ["--host", HOST, "--port", str(port)],
                            tmp_path / "leader.log", port=port,
                            env={**base_env, "VLLM_CPU_OMP_THREADS_BIND": "0"}, cwd=ROOT)

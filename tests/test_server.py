@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from server import settings as S
-from server.metrics import (
+from ftp_vllm.server import settings as S
+from ftp_vllm.server.metrics import (
     MAX_RECENT,
     METRICS,
     SELF_BENCH_PREFIX,
@@ -23,7 +23,11 @@ from server.metrics import (
     merge_totals,
     response_id,
 )
-from server.validation import SparsityValidationMiddleware, check_request_sparsity, find_error
+from ftp_vllm.server.validation import (
+    SparsityValidationMiddleware,
+    check_request_sparsity,
+    find_error,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = dict(model_type="llama", num_hidden_layers=4, hidden_size=128,
@@ -368,7 +372,7 @@ def _routes_client(recent):
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
-    from server.routes import add_routes
+    from ftp_vllm.server.routes import add_routes
 
     class Poller:
         last, last_per_engine = {"routed_tokens": 1, "engines": 1}, {0: {"routed_tokens": 1}}
@@ -467,7 +471,7 @@ def test_cli_lists_serve_without_importing_vllm():
 
 
 def test_bench_markdown_section():
-    from server.bench import markdown_section, summarize
+    from ftp_vllm.bench.serve import markdown_section, summarize
 
     runs = [{"mode": "dense", "sparsity": 0.0, "request_throughput": 2.0,
              "total_token_throughput": 100.0, "median_ttft_ms": 300.0, "p99_ttft_ms": 400.0,
@@ -493,7 +497,7 @@ def test_serve_arguments_reach_vllm(tmp_path, artifact, monkeypatch):
     """vLLM's serve parser + the FTP flags: routing lands in --hf-overrides, every other flag
     passes through, routing off leaves vLLM's own default."""
     pytest.importorskip("vllm")
-    from server.app import prepare_args
+    from ftp_vllm.server.app import prepare_args
 
     monkeypatch.delenv(S.ENV_ROUTER, raising=False)
     monkeypatch.delenv(S.ENV_SPARSITY, raising=False)

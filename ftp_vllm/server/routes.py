@@ -94,7 +94,7 @@ def add_routes(app: FastAPI, ftp: Any) -> None:
     """The ``/ftp/...`` routes, and the ``X-FTP-Replica`` header on every response."""
     from starlette.middleware import Middleware
 
-    from server.metrics import MAX_RECENT
+    from ftp_vllm.server.metrics import MAX_RECENT
 
     routing = ftp.routing
     replica = replica_name()

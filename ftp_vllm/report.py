@@ -227,14 +227,14 @@ def vllm_accuracy_section(results: list[dict[str, Any]]) -> str:
 
 @register_section("bench")
 def bench_section(results: list[dict[str, Any]]) -> str:
-    from ftp_vllm.plugin.bench import markdown_section
+    from ftp_vllm.bench.prefill import markdown_section
 
     return markdown_section(results)
 
 
 @register_section("serve-bench")
 def serve_bench_section(results: list[dict[str, Any]]) -> str:
-    from server.bench import markdown_section
+    from ftp_vllm.bench.serve import markdown_section
 
     return markdown_section(results)
 

@@ -1,21 +1,18 @@
-"""Helpers for the server's end-to-end tests and the serve benchmark (loopback only).
+"""A served ftp-vllm as a child process: started, waited for through `/health`, stopped.
 
-- ``make_tiny_chat_model``: a tiny random Llama that carries the default model's tokenizer
-  and chat template, so the OpenAI chat and completions APIs work on it in seconds;
-- ``ServerProcess``: ``python -m server ...`` in a subprocess on 127.0.0.1, waited for
-  through ``/health`` with a deadline, stopped with SIGINT then SIGKILL, log kept in a file;
+- ``ServerProcess``: ``python -m ftp_vllm.server ...`` on 127.0.0.1, waited for through
+  ``/health`` with a deadline, stopped with SIGINT then SIGKILL, log kept in a file;
 - ``CommandServer``: any command that serves on a given port (``make serve PORT=...``), run
   in its own process group with exactly the given environment, stopped like Ctrl-C (SIGINT to
   the whole group), and checked for processes it left behind (``group_pids``).
+
+Used by `ftp-vllm serve-bench` (servers one at a time) and by the end-to-end tests.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,98 +21,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-HOST = "127.0.0.1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def make_tiny_chat_model(path: Path, tokenizer_dir: Path, seed: int = 0,
-                         num_layers: int = 4) -> Path:
-    """A tiny random Llama (head_dim 32 for vLLM's CPU kernels) with `tokenizer_dir`'s
-    tokenizer files; fp32, norms perturbed so routing factors see real values."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ftp_vllm.plugin.testing import with_random_norms
-
-    cfg_src = json.loads((Path(tokenizer_dir) / "config.json").read_text())
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=int(cfg_src["vocab_size"]), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        rope_theta=10000.0, bos_token_id=cfg_src.get("bos_token_id"),
-        eos_token_id=cfg_src.get("eos_token_id"),
-    )
-    model = LlamaForCausalLM(config)
-    model = with_random_norms(model)
-    path = Path(path)
-    model.save_pretrained(path)
-    for f in TOKENIZER_FILES:
-        if (Path(tokenizer_dir) / f).exists():
-            shutil.copy(Path(tokenizer_dir) / f, path / f)
-    return path
-
-
-def make_router(model_dir: Path, path: Path, kind: str = "mlp",
-                targets: tuple[float, ...] = (0.2, 0.4)) -> Path:
-    """A router artifact for `model_dir` (static, or the plugin's scored random MLP)."""
-    from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact
-
-    fp, _ = hf_fingerprint(model_dir)
-    return make_artifact(path, fp, kind=kind, targets=targets)
-
-
-def http_json(url: str, body: Any = None, method: str | None = None,
-              timeout: float = 60.0) -> tuple[int, Any]:
-    data = None if body is None else (body if isinstance(body, bytes) else
-                                      json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw = r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode(errors="replace")
-
-
-def scrape(base_url: str, timeout: float = 30.0) -> str:
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as r:
-        return r.read().decode()
-
-
-def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """A sample's value from Prometheus text (labels must match exactly those given)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and (labels is None or all(
-                    s.labels.get(k) == v for k, v in labels.items())):
-                return float(s.value)
-    return None
-
-
-def metric_sum(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(float(s.value) for f in text_string_to_metric_families(text)
-               for s in f.samples if s.name == name)
+from ftp_vllm.server.client import HOST, free_port
 
 
 class ServerProcess:
-    """``python -m server <args>`` on 127.0.0.1:<port>, started and waited for."""
+    """``python -m ftp_vllm.server <args>`` on 127.0.0.1:<port>, started and waited for."""
 
     def __init__(self, args: list[str], log_path: Path, port: int | None = None,
                  env: dict[str, str] | None = None, cwd: Path | None = None):
@@ -135,7 +45,7 @@ class ServerProcess:
         return f"http://{HOST}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "server", *self.args]
+        return [sys.executable, "-m", "ftp_vllm.server", *self.args]
 
     def start(self, timeout: float = 600.0) -> ServerProcess:
         self._log = open(self.log_path, "wb")  # noqa: SIM115

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftp_vllm.plugin.memory import KVCacheChoice
-from server.settings import ENV_ROUTER, ENV_SPARSITY, Routing, ServeConfigError, resolve_routing
+from ftp_vllm.server.settings import (
+    ENV_ROUTER,
+    ENV_SPARSITY,
+    Routing,
+    ServeConfigError,
+    resolve_routing,
+)
 
 FTP_GROUP_DOC = (
     "FTP routing. Without --router the default model uses its shipped router artifact "
@@ -256,9 +262,9 @@ class FTPServer:
     async def attach(self, app: Any, engine_client: Any) -> None:
         from starlette.middleware import Middleware
 
-        from server.metrics import FTPMetrics, StatsPoller, engine_stats_rpc
-        from server.routes import MetricsRefreshMiddleware, add_routes
-        from server.validation import SparsityValidationMiddleware
+        from ftp_vllm.server.metrics import FTPMetrics, StatsPoller, engine_stats_rpc
+        from ftp_vllm.server.routes import MetricsRefreshMiddleware, add_routes
+        from ftp_vllm.server.validation import SparsityValidationMiddleware
 
         log = _logger()
         self.engine_client = engine_client
@@ -297,7 +303,7 @@ class FTPServer:
 
     async def run_benchmark(self, startup: bool = False, tokens: int | None = None,
                             prompts: int | None = None, repeats: int | None = None):
-        from server.selfbench import self_benchmark
+        from ftp_vllm.server.selfbench import self_benchmark
 
         log = _logger()
         a = self.args

@@ -32,12 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import main
+    from ftp_vllm.server.app import main
 
     return main(args.argv)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from server.bench import main
+    from ftp_vllm.bench.serve import main
 
     return main(args.argv)

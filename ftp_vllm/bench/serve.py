@@ -110,7 +110,7 @@ def run_client(base_url: str, model: str, tokenizer: str, opts: argparse.Namespa
 
 
 def _ftp_snapshot(base_url: str) -> dict[str, float]:
-    from server.testing import metric_sum, scrape
+    from ftp_vllm.server.client import metric_sum, scrape
 
     try:
         text = scrape(base_url)
@@ -155,7 +155,7 @@ def bench_modes(base_url: str, model: str, tokenizer: str, opts: argparse.Namesp
 
 def _router_name(base_url: str) -> str | None:
     """The artifact the server really routes with (folder name and kind)."""
-    from server.testing import http_json
+    from ftp_vllm.server.client import http_json
 
     status, body = http_json(f"{base_url}/ftp/stats")
     routing = body.get("routing", {}) if status == 200 and isinstance(body, dict) else {}
@@ -165,7 +165,7 @@ def _router_name(base_url: str) -> str | None:
 
 
 def _served_model(base_url: str) -> str:
-    from server.testing import http_json
+    from ftp_vllm.server.client import http_json
 
     status, body = http_json(f"{base_url}/v1/models")
     if status != 200:
@@ -174,7 +174,7 @@ def _served_model(base_url: str) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from server.testing import ServerProcess
+    from ftp_vllm.server.process import ServerProcess
 
     opts = build_parser().parse_args(list(argv))
     if opts.md is None:
@@ -275,7 +275,7 @@ def _f(x: Any, digits: int = 1) -> str:
 
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
-    """Markdown for the latest serve-bench result (a `ftp_vllm.eval.report` section)."""
+    """Markdown for the latest serve-bench result (a `ftp_vllm.report` section)."""
     rows = [r for r in results if r.get("kind") == KIND]
     if not rows:
         return "_No serving benchmark yet: run `ftp-vllm serve-bench`._\n"

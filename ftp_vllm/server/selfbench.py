@@ -21,7 +21,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from server.metrics import SELF_BENCH_PREFIX
+from ftp_vllm.server.metrics import SELF_BENCH_PREFIX
 
 
 @dataclass

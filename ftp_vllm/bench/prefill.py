@@ -8,7 +8,7 @@ per-request target. Prefill is timed as generation of one token; decode as the e
 of the same requests (from the plugin's statistics).
 
     ftp-vllm bench prefill --router static --lengths 512 1024 2048
-    python -m ftp_vllm.plugin.bench prefill ...
+    python -m ftp_vllm.bench.prefill prefill ...
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
-    """Markdown for the latest prefill benchmark (a `ftp_vllm.eval.report` section)."""
+    """Markdown for the latest prefill benchmark (a `ftp_vllm.report` section)."""
     rows = [r for r in results if r.get("kind") == KIND]
     if not rows:
         return "_No prefill benchmark yet: run `ftp-vllm bench prefill --json ...`._\n"
@@ -225,11 +225,11 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ftp_vllm.plugin.bench")
+    parser = argparse.ArgumentParser(prog="python -m ftp_vllm.bench.prefill")
     add_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["bench"]:
-        argv.insert(0, "bench")  # `python -m ftp_vllm.plugin.bench prefill ...`
+        argv.insert(0, "bench")  # `python -m ftp_vllm.bench.prefill prefill ...`
     args = parser.parse_args(argv)
     return args.func(args)
 
