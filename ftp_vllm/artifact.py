@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ftp_vllm.contract import FINGERPRINT_KEYS, SHIPPED_ARTIFACT
+from ftp_vllm.contract import STATIC_ARTIFACT as STATIC_ARTIFACT_NAME
 from ftp_vllm.routing.router import MLPRouter, StaticRouter, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 
@@ -27,12 +29,8 @@ CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
 # Artifacts shipped inside the package, for the default model (SmolLM2-135M-Instruct).
 SHIPPED_DIR = Path(__file__).parent / "artifacts"
-DEFAULT_ARTIFACT = SHIPPED_DIR / "smollm2-135m-instruct"  # FTP: trained router + schedules
-STATIC_ARTIFACT = SHIPPED_DIR / "smollm2-135m-instruct-static"  # static router + schedules
-FINGERPRINT_KEYS = (
-    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-    "num_attention_heads", "num_key_value_heads", "vocab_size",
-)
+DEFAULT_ARTIFACT = SHIPPED_DIR / SHIPPED_ARTIFACT  # FTP: trained router + schedules
+STATIC_ARTIFACT = SHIPPED_DIR / STATIC_ARTIFACT_NAME  # static router + schedules
 
 
 class ArtifactError(ValueError):

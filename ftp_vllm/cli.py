@@ -26,7 +26,8 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.report",  # report
     "ftp_vllm.bench.prefill",  # bench prefill
     "ftp_vllm.cli",  # demo (below)
-    "ftp_vllm.server.command",  # serve, serve-bench
+    "ftp_vllm.server.command",  # serve
+    "ftp_vllm.bench.serve",  # serve-bench
 ]
 
 DEMO_PROMPT = (

@@ -1,8 +1,10 @@
-"""The contract between the API server, the vLLM plugin and clients: keys, RPC names, and the
-one rule for a request's target sparsity.
+"""The contract between the API server, the vLLM plugin, router artifacts and clients: config
+keys, RPC names, routed architectures, the model-fingerprint keys, the shipped artifact names,
+and the one rule for a request's target sparsity.
 
-A leaf module (standard library only, nothing of ours), so the server's request check and the
-worker's reading of ``SamplingParams.extra_args`` are the same function and cannot drift.
+A leaf module (standard library only, nothing of ours): every other module takes these names
+from here, so the server's request check and the worker's reading of
+``SamplingParams.extra_args`` are the same function and cannot drift.
 
 The rule for ``ftp_sparsity`` in a request (``{"vllm_xargs": {"ftp_sparsity": 0.2}}`` over
 HTTP, ``SamplingParams(extra_args={"ftp_sparsity": 0.2})`` in Python):
@@ -25,8 +27,26 @@ from collections.abc import Mapping
 from typing import Any
 
 SPARSITY_KEY = "ftp_sparsity"  # per-request target (extra_args / vllm_xargs), also hf_config
+ROUTER_KEY = "ftp_router"  # hf_config key: the router artifact folder
 XARGS_KEY = "vllm_xargs"  # the OpenAI request field vLLM copies into SamplingParams.extra_args
 STATS_METHOD = "ftp_routing_stats"  # worker method read with collective_rpc
+
+# Routed architecture -> (the plugin's "module:Class", the vanilla architecture it routes)
+ARCHITECTURES = {
+    "FTPLlamaForCausalLM": ("ftp_vllm.plugin.models:FTPLlamaForCausalLM", "LlamaForCausalLM"),
+    "FTPQwen2ForCausalLM": ("ftp_vllm.plugin.models:FTPQwen2ForCausalLM", "Qwen2ForCausalLM"),
+}
+MODEL_TYPES = {"llama": "FTPLlamaForCausalLM", "qwen2": "FTPQwen2ForCausalLM"}  # HF model_type
+
+# The HF config keys that, with a hash of the final norm, identify the model an artifact is for.
+FINGERPRINT_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+    "num_attention_heads", "num_key_value_heads", "vocab_size",
+)
+
+# Router artifacts shipped inside the package (ftp_vllm/artifacts/) for the default model.
+SHIPPED_ARTIFACT = "smollm2-135m-instruct"  # trained FTP router + searched schedules
+STATIC_ARTIFACT = "smollm2-135m-instruct-static"  # training-free static router (fallback)
 TOLERANCE = 1e-9  # a target equal to the maximum up to float noise is the maximum
 
 
@@ -77,5 +97,8 @@ def request_sparsity(extra_args: Mapping[str, Any] | None, max_sparsity: float,
     return validate_sparsity(extra_args[SPARSITY_KEY], max_sparsity)
 
 
-__all__ = ["SPARSITY_KEY", "STATS_METHOD", "TOLERANCE", "XARGS_KEY", "request_sparsity",
-           "validate_sparsity"]
+__all__ = [
+    "ARCHITECTURES", "FINGERPRINT_KEYS", "MODEL_TYPES", "ROUTER_KEY", "SHIPPED_ARTIFACT",
+    "SPARSITY_KEY", "STATIC_ARTIFACT", "STATS_METHOD", "TOLERANCE", "XARGS_KEY",
+    "request_sparsity", "validate_sparsity",
+]

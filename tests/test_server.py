@@ -86,9 +86,9 @@ def test_default_model_uses_shipped_then_static_then_dense(tmp_path, monkeypatch
     routing, ov = S.resolve_routing(model_given=False, env={})
     assert not routing.enabled and ov is None
     assert "DENSE" in routing.notes[0] and S.ENV_ROUTER in routing.notes[0]
-    shutil.copytree(artifact, tmp_path / "artifacts" / S.FALLBACK_ARTIFACT)
+    shutil.copytree(artifact, tmp_path / "artifacts" / S.STATIC_ARTIFACT)
     routing, _ = S.resolve_routing(model_given=False, env={})
-    assert routing.enabled and routing.router.name == S.FALLBACK_ARTIFACT
+    assert routing.enabled and routing.router.name == S.STATIC_ARTIFACT
     assert "static" in routing.notes[0]
     shutil.copytree(artifact, tmp_path / "artifacts" / S.SHIPPED_ARTIFACT)
     routing, _ = S.resolve_routing(model_given=False, env={})

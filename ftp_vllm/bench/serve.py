@@ -45,6 +45,20 @@ KEEP = (
 )
 
 
+CLI_HELP = (
+    "vLLM's benchmark client (`vllm bench serve`) against routed and dense serving; writes "
+    "results/serve_bench.json and .md (see `ftp-vllm serve-bench --help`)"
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``ftp-vllm serve-bench [...]``: every argument goes to ``build_parser`` when it runs."""
+    bench = subparsers.add_parser("serve-bench", help=CLI_HELP, add_help=False,
+                                  prefix_chars="+")
+    bench.add_argument("argv", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda args: main(args.argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ftp-vllm serve-bench",

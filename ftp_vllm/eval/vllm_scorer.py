@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ftp_vllm.contract import SPARSITY_KEY, STATS_METHOD
 from ftp_vllm.eval.scoring import DEFAULT_MAX_LENGTH, Request, ScoreStats, truncate
 from ftp_vllm.flops import BlockShape, prefill_flops
-from ftp_vllm.plugin import SPARSITY_KEY, STATS_METHOD, routing_overrides
+from ftp_vllm.plugin import routing_overrides
 
 
 class VLLMScorer:

@@ -15,18 +15,12 @@ Statistics: ``llm.collective_rpc("ftp_routing_stats")`` (see ``stats.py``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Routed architecture name -> (module:class, vanilla architecture it routes, HF model_type)
-ARCHITECTURES = {
-    "FTPLlamaForCausalLM": ("ftp_vllm.plugin.models:FTPLlamaForCausalLM", "LlamaForCausalLM"),
-    "FTPQwen2ForCausalLM": ("ftp_vllm.plugin.models:FTPQwen2ForCausalLM", "Qwen2ForCausalLM"),
-}
-MODEL_TYPES = {"llama": "FTPLlamaForCausalLM", "qwen2": "FTPQwen2ForCausalLM"}
+from ftp_vllm.contract import ARCHITECTURES, MODEL_TYPES, ROUTER_KEY, SPARSITY_KEY, STATS_METHOD
 
-ROUTER_KEY = "ftp_router"  # hf_config key: router artifact folder
-SPARSITY_KEY = "ftp_sparsity"  # hf_config key: default mean sparsity; also the extra_args key
-STATS_METHOD = "ftp_routing_stats"  # collective_rpc name of the stats reader
+if TYPE_CHECKING:
+    from ftp_vllm.artifact import RouterArtifact
 
 _registered = False
 
@@ -48,7 +42,8 @@ def register() -> None:
 
 
 def routing_overrides(
-    artifact_path: str | Path, sparsity: float, architecture: str | None = None
+    artifact_path: str | Path, sparsity: float, architecture: str | None = None,
+    artifact: RouterArtifact | None = None,
 ) -> dict[str, Any]:
     """The ``hf_overrides`` that turn routing on: ``LLM(model, hf_overrides=...)``.
 
@@ -58,7 +53,8 @@ def routing_overrides(
     """
     from ftp_vllm.artifact import load_artifact
 
-    artifact = load_artifact(artifact_path)
+    if artifact is None:  # a caller that has loaded it already passes it (one load, one check)
+        artifact = load_artifact(artifact_path)
     sparsity = artifact.schedule.validate(sparsity)
     if architecture is None:
         model_type = artifact.fingerprint.get("model_type")

@@ -18,15 +18,11 @@ from typing import Any
 from vllm.logger import init_logger
 
 from ftp_vllm.artifact import RouterArtifact, load_artifact
-from ftp_vllm.plugin import ROUTER_KEY, SPARSITY_KEY
+from ftp_vllm.contract import FINGERPRINT_KEYS, ROUTER_KEY, SPARSITY_KEY, STATS_METHOD
 from ftp_vllm.plugin.refusals import check_config
 
 logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
-SHAPE_KEYS = (
-    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-    "num_attention_heads", "num_key_value_heads", "vocab_size",
-)
 WORKER_EXTENSION = "ftp_vllm.plugin.stats.FTPWorkerExtension"
 
 
@@ -47,7 +43,7 @@ def routing_settings(hf_config: Any) -> RoutingSettings:
             "without routing, drop the overrides (use its vanilla architecture)"
         )
     artifact = load_artifact(path)
-    shape = {k: _cfg_get(hf_config, k) for k in SHAPE_KEYS}
+    shape = {k: _cfg_get(hf_config, k) for k in FINGERPRINT_KEYS}
     if shape["num_key_value_heads"] is None:
         shape["num_key_value_heads"] = shape["num_attention_heads"]
     artifact.check_model(shape, path)  # the weights' hash is checked in the worker
@@ -132,5 +128,5 @@ class FTPRoutingConfig:
             logger.warning(
                 "FTP routing: worker_extension_cls=%s is set, so collective_rpc('%s') is "
                 "unavailable; read stats with collective_rpc(ftp_vllm.plugin.stats.read_stats)",
-                pc.worker_extension_cls, "ftp_routing_stats",
+                pc.worker_extension_cls, STATS_METHOD,
             )

@@ -179,7 +179,7 @@ def main(argv: Sequence[str]) -> int:
 def _logger():
     from vllm.logger import init_logger
 
-    return init_logger("vllm.ftp_vllm.server")
+    return init_logger("vllm.ftp_vllm.server")  # the one server logger (metrics.py uses it too)
 
 
 async def run_server(args: argparse.Namespace, routing: Routing, **uvicorn_kwargs) -> None:

@@ -51,7 +51,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from ftp_vllm.contract import STATS_METHOD
 
-logger = logging.getLogger("ftp_vllm.server")
+logger = logging.getLogger("vllm.ftp_vllm.server")  # vLLM's handlers, one name
 
 SELF_BENCH_PREFIX = "ftp-selfbench-"
 MAX_RECENT = 4096

@@ -15,20 +15,23 @@ No vLLM import here: this runs before the engine exists and in unit tests.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ftp_vllm.contract import (
+    ARCHITECTURES,
+    ROUTER_KEY,
+    SHIPPED_ARTIFACT,
+    SPARSITY_KEY,
+    STATIC_ARTIFACT,
+)
+
 ENV_ROUTER = "FTP_VLLM_ROUTER"
 ENV_SPARSITY = "FTP_VLLM_SPARSITY"
 DEFAULT_SPARSITY = 0.3
-SHIPPED_ARTIFACT = "smollm2-135m-instruct"
-FALLBACK_ARTIFACT = "smollm2-135m-instruct-static"
-
-logger = logging.getLogger("ftp_vllm.server")
 
 
 class ServeConfigError(ValueError):
@@ -64,7 +67,7 @@ def artifacts_dir() -> Path:
 def shipped_router() -> tuple[Path | None, list[str]]:
     """The shipped router artifact for the default model (or its static fallback)."""
     base = artifacts_dir()
-    main, fallback = base / SHIPPED_ARTIFACT, base / FALLBACK_ARTIFACT
+    main, fallback = base / SHIPPED_ARTIFACT, base / STATIC_ARTIFACT
     if (main / "router.json").exists():
         return main, []
     if (fallback / "router.json").exists():
@@ -100,7 +103,7 @@ def resolve_routing(
 ) -> tuple[Routing, dict[str, Any] | None]:
     """(routing, hf_overrides to pass to vLLM). Raises ServeConfigError with the fix."""
     from ftp_vllm.artifact import load_artifact
-    from ftp_vllm.plugin import ARCHITECTURES, ROUTER_KEY, SPARSITY_KEY, routing_overrides
+    from ftp_vllm.plugin import routing_overrides
 
     env = os.environ if env is None else env
     overrides = dict(hf_overrides) if hf_overrides else None
@@ -142,9 +145,7 @@ def resolve_routing(
         notes.append(
             f"no router artifact given for this model (--router or {ENV_ROUTER}): the model is "
             "served dense")
-    if path is None:
-        for n in notes:
-            logger.warning("%s", n)
+    if path is None:  # the caller logs the notes (once)
         return Routing(enabled=False, source="no artifact", notes=notes), overrides
 
     art = load_artifact(path)  # ArtifactError names the file and the fix
@@ -163,7 +164,7 @@ def resolve_routing(
                 f"artifact {path} was tuned for; choose a value in [0, {max_s:g}]")
         notes.append(f"default sparsity {value:g} capped to the artifact's maximum {max_s:g}")
         value = max_s
-    routed = routing_overrides(path, value)
+    routed = routing_overrides(path, value, artifact=art)
     merged = {**(overrides or {}), **routed}
     return Routing(True, Path(routed[ROUTER_KEY]), value, max_s, art.kind, source,
                    notes), merged
