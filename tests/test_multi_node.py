@@ -113,7 +113,7 @@ def test_manifest_args_start_a_routed_group_across_two_processes(tiny_llama_dir,
         assert worker.proc.poll() is None, worker.tail()
         prompt = [(7 * i + 3) % 250 + 1 for i in range(40)]
         status, body = http_json(f"{leader.url}/v1/completions", {
-            "model": str(tiny_llama_dir), "prompt": [prompt], "max_tokens": 4,
+            "model": tiny_llama_dir.name, "prompt": [prompt], "max_tokens": 4,
             "temperature": 0, "vllm_xargs": {"ftp_sparsity": 0.3}}, timeout=300)
         assert status == 200, body
         assert body["usage"]["completion_tokens"] == 4

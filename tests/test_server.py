@@ -514,3 +514,19 @@ def test_serve_arguments_reach_vllm(tmp_path, artifact, monkeypatch):
     assert not routing.enabled and args.hf_overrides == {}
     with pytest.raises(ValueError, match="sparsity"):
         prepare_args([str(model), "--router", str(artifact), "--sparsity", "0.9"])
+
+
+def test_served_model_id_is_the_folder_name_unless_given(tmp_path, monkeypatch):
+    """Clients see a local model as `SmolLM2-135M-Instruct`, not as this machine's path."""
+    pytest.importorskip("vllm")
+    from ftp_vllm.server.app import prepare_args
+
+    monkeypatch.delenv(S.ENV_ROUTER, raising=False)
+    model = tmp_path / "models" / "Tiny-Model"
+    model.mkdir(parents=True)
+    args, _ = prepare_args([str(model), "--no-routing"])
+    assert args.served_model_name == ["Tiny-Model"] and args.model == str(model)
+    args, _ = prepare_args([str(model), "--no-routing", "--served-model-name", "a", "b"])
+    assert args.served_model_name == ["a", "b"]
+    args, _ = prepare_args(["org/not-a-local-folder", "--no-routing"])  # a hub id: vLLM's own
+    assert not args.served_model_name

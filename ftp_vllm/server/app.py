@@ -104,6 +104,9 @@ def prepare_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Routing]:
     )
     if overrides is not None:  # else vLLM's own default (an empty dict) stays
         args.hf_overrides = overrides
+    if not args.served_model_name and Path(args.model).expanduser().is_dir():
+        # Clients see a local model by its folder's name, not by this machine's path.
+        args.served_model_name = [Path(args.model).expanduser().resolve().name]
     for name, low in (("self_benchmark_tokens", 2), ("self_benchmark_prompts", 1),
                       ("self_benchmark_repeats", 1)):
         if getattr(args, name) < low:
