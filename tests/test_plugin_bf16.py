@@ -1,0 +1,105 @@
+"""bf16, the serving dtype, on vLLM's CPU engine: the parity suite of the float32 tests.
+
+Per model, a vanilla engine and a routed engine, both in bfloat16:
+- routing off (sparsity 0) equals vanilla exactly: token ids and prompt logprobs bit for bit
+  against vanilla in eager mode (the same kernels; routed engines run eager), token ids
+  against vanilla in its default mode;
+- routed equals the float32 reference forward (the oracle) replaying the engine's keep masks
+  within the bf16 tolerance of ``tests/engine_helpers.py`` (BF16_*), with equal greedy tokens
+  on the tested prompts, and the engine's decisions agree with the reference router's;
+- a request's output does not depend on what it is batched with.
+Models: the tiny random Llama with a random MLP router that mixes all four factors, and
+SmolLM2-135M-Instruct with the shipped trained MLP router (ftp_vllm/artifacts/) on text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from ftp_vllm.plugin import routing_overrides  # noqa: E402
+from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
+from tests.engine_helpers import (  # noqa: E402
+    BF16_ATOL,
+    check_batch_invariance,
+    check_routed_bf16,
+    check_routing_off,
+    engine_kwargs,
+    random_prompt,
+    shutdown,
+    smollm2_dir,
+    vanilla_results,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+SPARSITY = 0.3
+TEXTS = (
+    "The quick brown fox jumps over the lazy dog. The dog did not move, and the fox",
+    "Photosynthesis is the process by which green plants use sunlight to make food from "
+    "carbon dioxide and water. It takes place mainly in the leaves, inside small structures "
+    "called chloroplasts, which contain a green pigment named chlorophyll. The main products "
+    "of photosynthesis are",
+    "Question: A farmer has 12 cows and buys 7 more. Then 4 cows are sold at the market. "
+    "How many cows does the farmer have now? Explain your reasoning step by step before "
+    "giving the final number.\nAnswer: The farmer starts with 12 cows.",
+)
+
+
+def text_prompts(model_dir) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [tok(t)["input_ids"] for t in TEXTS]
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+def setup(request, tmp_path_factory):
+    """(routed bf16 engine, fp32 reference model, artifact, prompts, vanilla results)."""
+    from vllm import LLM
+
+    from ftp_vllm.artifact import DEFAULT_ARTIFACT, load_artifact
+
+    if request.param == "tiny":
+        model_dir = request.getfixturevalue("tiny_llama_dir")
+        fp, hf_model = hf_fingerprint(model_dir)
+        art = make_artifact(tmp_path_factory.mktemp("art") / "mlp", fp, kind="mlp")
+        prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 97, 150)]
+    else:
+        model_dir = smollm2_dir()
+        _, hf_model = hf_fingerprint(model_dir)
+        art = DEFAULT_ARTIFACT  # the shipped trained MLP router
+        prompts = text_prompts(model_dir)
+    artifact = load_artifact(art)
+    assert artifact.kind == "mlp"
+    vanilla = {
+        "default": vanilla_results(model_dir, prompts, dtype="bfloat16"),
+        "eager": vanilla_results(model_dir, prompts, dtype="bfloat16", enforce_eager=True),
+    }
+    llm = LLM(
+        str(model_dir), hf_overrides=routing_overrides(art, SPARSITY),
+        **engine_kwargs(dtype="bfloat16"),
+    )
+    llm.collective_rpc("ftp_record_masks")
+    yield llm, hf_model, artifact, prompts, vanilla
+    shutdown(llm)
+
+
+def test_routing_off_equals_vanilla_exactly(setup):
+    llm, _, _, prompts, vanilla = setup
+    assert llm.llm_engine.vllm_config.model_config.dtype == torch.bfloat16
+    check_routing_off(llm, prompts, vanilla["eager"], vanilla["default"])
+
+
+def test_routed_matches_fp32_reference_within_bf16_tolerance(setup):
+    llm, hf_model, artifact, prompts, _ = setup
+    result = check_routed_bf16(llm, hf_model, artifact, prompts, SPARSITY)
+    # all greedy tokens equal on most prompts; the others differ only after a near tie
+    assert result["full_matches"] >= (len(prompts) + 1) // 2, result
+
+
+def test_batch_invariance_bf16(setup):
+    llm, _, _, prompts, _ = setup
+    check_batch_invariance(llm, prompts, atol=BF16_ATOL)
