@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.data.command",  # data show | list
     "ftp_vllm.training.command",  # schedule, train
     "ftp_vllm.eval.command",  # eval
+    "ftp_vllm.eval.fidelity_command",  # fidelity
     "ftp_vllm.report",  # report
     "ftp_vllm.bench.prefill",  # bench prefill
     "ftp_vllm.cli",  # demo (below)
