@@ -134,9 +134,13 @@ def insecure_rpc() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------- bf16 parity suite
-def check_routing_off(llm, prompts, vanilla_eager, vanilla_default) -> None:
+def check_routing_off(
+    llm, prompts, vanilla_eager, vanilla_default, default_tokens: bool = True
+) -> None:
     """Sparsity 0: token ids and prompt logprobs bit for bit equal to vanilla in eager mode
-    (the same kernels; routed engines run eager), token ids equal to vanilla's default mode."""
+    (the same kernels; routed engines run eager). Against vanilla's default mode (compiled,
+    other fused kernels): token ids equal (`default_tokens`), else prompt logprobs within
+    the bf16 tolerance (a compiled GPU model may break a near tie the other way)."""
     outs, masks = run(llm, prompts, params(sparsity=0.0))
     assert all(m is None for m in masks)
     for i, out in enumerate(outs):
@@ -144,7 +148,11 @@ def check_routing_off(llm, prompts, vanilla_eager, vanilla_default) -> None:
         assert list(out.outputs[0].token_ids) == tokens
         got = prompt_logprobs(out)
         assert torch.equal(got, lps), (got - lps).abs().max()
-        assert list(out.outputs[0].token_ids) == vanilla_default[i][0]
+        if default_tokens:
+            assert list(out.outputs[0].token_ids) == vanilla_default[i][0]
+        else:
+            want = vanilla_default[i][1]
+            assert torch.allclose(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)
 
 
 def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, float]:

@@ -19,7 +19,7 @@ from ftp_vllm.plugin.testing import (  # noqa: E402
     make_artifact,
     masks_by_request,
     prompt_logprobs,
-    set_request_limit,
+    set_subset_policy,
 )
 from tests.engine_helpers import (  # noqa: E402, F401  (names other engine tests import)
     LOGPROB_TOL,
@@ -78,7 +78,7 @@ def vanilla_outputs(tiny_llama_dir, prompts):
 def llm(tiny_llama_dir, artifact, vanilla_outputs):
     from vllm import LLM
 
-    # test_request_limit_splits_attention sends a function: both ends need the setting for
+    # test_split_attention_and_cache_policy sends a function: both ends need the setting for
     # the engine's whole life
     with insecure_rpc():
         engine = LLM(
@@ -185,24 +185,41 @@ def test_routing_stats(llm, prompts):
         assert 0.0 <= rec["token_sparsity"] < 1.0 and rec["flop_speedup"] >= 1.0
 
 
-def test_request_limit_splits_attention(llm, hf, router, prompts):
-    """A backend builder that takes few requests (FlashInfer: max_num_seqs) gets the layer's
-    virtual requests in several builds and attention calls; results do not change."""
-    llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
-    whole, whole_masks = run(llm, prompts, params())
-    builds_whole = llm.collective_rpc("ftp_routing_stats")[0]["metadata_builds"]
-    assert llm.collective_rpc(set_request_limit, args=(2,)) == [2]
-    try:
-        llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
-        split, split_masks = run(llm, prompts, params())
-        builds_split = llm.collective_rpc("ftp_routing_stats")[0]["metadata_builds"]
-    finally:
-        llm.collective_rpc(set_request_limit, args=(None,))
-    # the scattered MLP router makes far more than 2 runs per layer: many more builds
-    assert builds_split > 2 * builds_whole
-    for i, (a, b) in enumerate(zip(whole, split, strict=True)):
-        assert torch.equal(whole_masks[i], split_masks[i])
-        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-        assert torch.allclose(prompt_logprobs(a), prompt_logprobs(b), atol=1e-5, rtol=0)
-    for prompt, out, mask in zip(prompts, split, split_masks, strict=True):
-        check_against_reference(hf[1], router, prompt, out, mask, SPARSITY)
+def expected_builds(mask: torch.Tensor, limit: int, reusable: bool) -> int:
+    """Metadata builds for one prompt alone: each partial layer asks for keys (mask, first
+    run) of groups of `limit` runs; reusable backends build each distinct key once, stateful
+    ones every key that differs from the one asked for just before (subset.MetadataCache)."""
+    keys = []
+    for row in mask.tolist():
+        if all(row):
+            continue  # vLLM's own path
+        runs = sum(1 for i, k in enumerate(row) if k and (i == 0 or not row[i - 1]))
+        keys += [(tuple(row), lo) for lo in range(0, runs, limit)]
+    if reusable:
+        return len(set(keys))
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+
+
+@pytest.mark.parametrize("reusable", [True, False], ids=["stateless", "stateful"])
+def test_split_attention_and_cache_policy(llm, hf, router, prompts, reusable):
+    """A builder that takes few requests (FlashInfer: max_num_seqs) gets a layer's virtual
+    requests in several builds and attention calls, and a stateful one (FlashInfer) is
+    re-planned whenever the key changes: results do not change, builds are as designed."""
+    stats = "ftp_routing_stats"
+    for i in (3, 4):  # 97 and 150 tokens: many runs of kept tokens per layer
+        llm.collective_rpc(stats, kwargs={"reset": True})
+        (whole,), (mask,) = run(llm, [prompts[i]], params())
+        builds_whole = llm.collective_rpc(stats)[0]["metadata_builds"]
+        assert llm.collective_rpc(set_subset_policy, args=(2, reusable)) == [True]
+        try:
+            llm.collective_rpc(stats, kwargs={"reset": True})
+            (split,), (split_mask,) = run(llm, [prompts[i]], params())
+            builds_split = llm.collective_rpc(stats)[0]["metadata_builds"]
+        finally:
+            llm.collective_rpc(set_subset_policy)
+        assert torch.equal(mask, split_mask)
+        assert builds_whole == expected_builds(mask, 10**9, True)  # CPU_ATTN: no limit
+        assert builds_split == expected_builds(mask, 2, reusable) > 2 * builds_whole
+        assert list(whole.outputs[0].token_ids) == list(split.outputs[0].token_ids)
+        assert torch.allclose(prompt_logprobs(whole), prompt_logprobs(split), atol=1e-5, rtol=0)
+        check_against_reference(hf[1], router, prompts[i], split, split_mask, SPARSITY)

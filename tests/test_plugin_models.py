@@ -18,27 +18,19 @@ from ftp_vllm.plugin.testing import (  # noqa: E402
     make_artifact,
     prompt_logprobs,
 )
-from tests.test_plugin_engine import (  # noqa: E402
+from tests.engine_helpers import (  # noqa: E402
     check_against_reference,
     engine_kwargs,
     params,
     random_prompt,
     run,
     shutdown,
+    smollm2_dir,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 SPARSITY = 0.3
-
-
-def smollm2_dir():
-    from ftp_vllm.model.prepare import default_model_dir, read_marker
-
-    path = default_model_dir()
-    if not (path / "config.json").exists() or read_marker(path) is None:
-        pytest.skip("SmolLM2 is not prepared (run `ftp-vllm model prepare`)")
-    return path
 
 
 @pytest.fixture(scope="module", params=["qwen2", "smollm2"])

@@ -135,7 +135,8 @@ class RoutingRuntime:
         self.backend_name = backend_name
         self._builder = None
         self._policy: BackendPolicy | None = None
-        self.max_virtual_requests: int | None = None  # tests may lower it (see testing.py)
+        self._unsynced_build = False  # a build since the device last caught up with the host
+        self.policy_override: BackendPolicy | None = None  # tests (testing.set_subset_policy)
         self._plan: StepPlan | None = None
         self._plan_ctx: Any = None
         self._warned: set[str] = set()
@@ -285,6 +286,8 @@ class RoutingRuntime:
                 block_sparsity=plan.block_sparsity[layer], scores=scores,
             )
         )
+        if keep.device.type != "cpu":
+            self._unsynced_build = False  # .cpu() below waits for the device's queued calls
         keep_np = keep.cpu().numpy()
         plan.keeps[layer] = keep_np
         if keep_np.all():
@@ -300,10 +303,20 @@ class RoutingRuntime:
     def part_metadata(self, plan: StepPlan, part: AttnPart) -> Any:
         """The backend metadata of one attention call; fetch it right before the call (a
         stateful backend's metadata is valid only until the builder's next build)."""
-        return plan.meta_cache.get(
-            part.key,
-            lambda: self._get_builder().build(common_prefix_len=0, common_attn_metadata=part.cm),
-        )
+
+        def build() -> Any:
+            if self._unsynced_build and not plan.meta_cache.reusable:
+                # A stateful builder's plan may still be on its way to the device (FlashInfer
+                # plans into a page-locked host buffer copied asynchronously); wait for the
+                # calls already queued before planning over it. route() fetching a keep mask
+                # from the device is such a wait, so with device-side routers this only runs
+                # for a layer split into several calls.
+                _synchronize(plan.cm.query_start_loc.device)
+            meta = self._get_builder().build(common_prefix_len=0, common_attn_metadata=part.cm)
+            self._unsynced_build = True
+            return meta
+
+        return plan.meta_cache.get(part.key, build)
 
     def finish_step(self, plan: StepPlan) -> None:
         self.stats.record_step(plan)
@@ -325,6 +338,8 @@ class RoutingRuntime:
 
     def policy(self) -> BackendPolicy:
         """Request limit and metadata reuse for this backend (``subset.backend_policy``)."""
+        if self.policy_override is not None:
+            return self.policy_override
         if self._policy is None:
             max_num_seqs = int(self.vllm_config.scheduler_config.max_num_seqs)
             self._policy = backend_policy(self.backend_name, self._get_builder(), max_num_seqs)
@@ -334,14 +349,6 @@ class RoutingRuntime:
             )
         return self._policy
 
-    def request_limit(self) -> int | None:
-        limit = self.policy().max_requests
-        if self.max_virtual_requests is not None:
-            limit = self.max_virtual_requests if limit is None else min(
-                limit, self.max_virtual_requests
-            )
-        return limit
-
     def _subset_route(self, plan: StepPlan, keep_all: np.ndarray, key: bytes) -> LayerRoute:
         """The kept tokens and their attention calls: virtual requests (``kept_runs``) in
         groups of at most the backend's limit (``split_runs``)."""
@@ -349,7 +356,7 @@ class RoutingRuntime:
         device = plan.cm.query_start_loc.device
         kept_t = torch.from_numpy(runs.kept).to(device)
         parts = []
-        for lo, hi in split_runs(runs.num_runs, self.request_limit()):
+        for lo, hi in split_runs(runs.num_runs, self.policy().max_requests):
             start = int(runs.run_start[lo])
             end = int(runs.run_start[hi]) if hi < runs.num_runs else len(runs.kept)
             cm = self._subset_common_metadata(plan.cm, runs, lo, hi, kept_t[start:end])
@@ -394,6 +401,11 @@ class RoutingRuntime:
             positions=None if cm.positions is None else cm.positions.index_select(0, kept_t),
             req_idx=None if cm.req_idx is None else np.asarray(cm.req_idx)[run_req],
         )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 # ---------------------------------------------------------------------- install

@@ -106,14 +106,21 @@ def reference_logprobs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
 
 
-def set_request_limit(worker: Any, limit: int | None) -> int | None:
-    """Tests, as ``collective_rpc(set_request_limit, args=(n,))``: cap the virtual requests
-    per subset-attention build below the backend's own limit (None: the backend's limit),
-    so the split path runs on backends without one; returns the cap set."""
+def set_subset_policy(
+    worker: Any, max_requests: int | None = None, reusable: bool | None = None
+) -> bool:
+    """Tests, as ``collective_rpc(set_subset_policy, args=(n, reusable))``: replace the
+    backend's subset-attention policy (virtual requests per build, metadata reuse), so the
+    split path and the stateful-backend cache run on the CPU engine; no arguments restore
+    the backend's own. False when the model is not routed."""
     from ftp_vllm.plugin.runtime import get_runtime
+    from ftp_vllm.plugin.subset import BackendPolicy
 
     rt = get_runtime()
     if rt is None:
-        return None
-    rt.max_virtual_requests = limit
-    return limit
+        return False
+    if max_requests is None and reusable is None:
+        rt.policy_override = None
+    else:
+        rt.policy_override = BackendPolicy(max_requests, bool(reusable))
+    return True
