@@ -94,32 +94,51 @@ def first_mismatch(predicted: Sequence[int], reference: Sequence[int]) -> int:
     return min(len(predicted), len(reference))
 
 
-@torch.no_grad()
-def _draft(model: nn.Module, ids: list[int], max_new_tokens: int,
-           eos_token_id: int | None) -> list[int]:
-    """Greedy tokens from the Hugging Face model with its KV cache (fast, but numerically not
-    the reference forward: only a draft)."""
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                         min_new_tokens=1, do_sample=False, eos_token_id=eos_token_id,
-                         pad_token_id=eos_token_id if eos_token_id is not None else 0,
-                         temperature=None, top_p=None, top_k=None)
-    tokens = out[0, len(ids):].tolist()
-    if eos_token_id is not None and eos_token_id in tokens:
-        tokens = tokens[: tokens.index(eos_token_id) + 1]
-    return tokens[:max_new_tokens]
+class _Drafter:
+    """Greedy tokens from the Hugging Face model with its KV cache: fast, but numerically not
+    the reference forward (bfloat16 rounding differs), so only a draft. After a correction
+    the cache is cut back to the corrected position and drafting resumes from there."""
+
+    def __init__(self, model: nn.Module, prompt: list[int], eos_token_id: int | None):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.n = len(prompt)
+        self.eos = eos_token_id
+        self.cache = DynamicCache(config=model.config)
+        self.device = next(model.parameters()).device
+        self.first = self._next(prompt)
+
+    def _next(self, ids: list[int]) -> int:
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=x, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        return int(out.logits[0, -1].argmax())
+
+    def extend(self, continuation: list[int], limit: int) -> list[int]:
+        """`continuation` (its tokens settled) drafted on to `limit` tokens or through EOS."""
+        if not continuation:
+            continuation = [self.first]
+        surplus = self.cache.get_seq_length() - (self.n + len(continuation) - 1)
+        if surplus > 0:  # keep the prompt and all but the continuation's last token
+            self.cache.crop(-surplus)
+        out = list(continuation)
+        while len(out) < limit and out[-1] != self.eos:
+            out.append(self._next([out[-1]]))
+        return out
 
 
 @torch.no_grad()
 def dense_reference(model: nn.Module, prompt: Sequence[int], new_tokens: int,
                     eos_token_id: int | None = None) -> DenseReference:
     """The reference forward's dense greedy continuation of `prompt` (up to `new_tokens`,
-    through EOS), found by draft-and-verify: each verification fixes at least one more token."""
+    through EOS), found by draft-and-verify: each verification settles at least one more
+    token, so at most `new_tokens` + 1 reference forwards (usually a few)."""
     if new_tokens < 1:
         raise ValueError(f"new tokens must be >= 1, got {new_tokens}")
     prompt = list(prompt)
-    cont = _draft(model, prompt, new_tokens, eos_token_id)
+    drafter = _Drafter(model, prompt, eos_token_id)
+    cont = drafter.extend([], new_tokens)
     corrections = 0
     for _ in range(new_tokens + 1):
         logits, _keep = teacher_forced(model, prompt, cont)
@@ -128,9 +147,7 @@ def dense_reference(model: nn.Module, prompt: Sequence[int], new_tokens: int,
         if j == len(cont):
             return DenseReference(prompt, cont, logits[0].clone(), corrections)
         corrections += 1
-        cont = [*cont[:j], pred[j]]
-        if pred[j] != eos_token_id and len(cont) < new_tokens:
-            cont += _draft(model, prompt + cont, new_tokens - len(cont), eos_token_id)
+        cont = drafter.extend([*cont[:j], pred[j]], new_tokens)
     raise RuntimeError(f"dense greedy continuation did not settle after {new_tokens + 1} "
                        f"verifications (prompt of {len(prompt)} tokens)")
 
