@@ -204,12 +204,21 @@ def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> bool:
     return False
 
 
-def check_batch_invariance(llm, prompts, atol: float = 0.0) -> None:
-    """Each prompt alone gives the batch's decisions and tokens (logprobs within atol)."""
+def check_batch_invariance(llm, prompts, atol: float = 0.0, exact: bool = True) -> None:
+    """Each prompt alone gives the batch's decisions and tokens (logprobs within atol).
+
+    exact=False (GPU kernels, whose bf16 rounding depends on the batch shape unless vLLM runs
+    batch-invariant): decisions agree on >= BF16_DECISION_AGREEMENT of the pairs and prompt
+    logprobs stay within the bf16 tolerance; tokens are not compared."""
     batch, batch_masks = run(llm, prompts, params())
     for i in (0, len(prompts) - 1):
         alone, alone_masks = run(llm, [prompts[i]], params())
-        assert torch.equal(alone_masks[0], batch_masks[i])
-        assert list(alone[0].outputs[0].token_ids) == list(batch[i].outputs[0].token_ids)
         got, want = prompt_logprobs(alone[0]), prompt_logprobs(batch[i])
-        assert torch.allclose(got, want, atol=atol, rtol=0), (got - want).abs().max()
+        if exact:
+            assert torch.equal(alone_masks[0], batch_masks[i])
+            assert list(alone[0].outputs[0].token_ids) == list(batch[i].outputs[0].token_ids)
+            assert torch.allclose(got, want, atol=atol, rtol=0), (got - want).abs().max()
+        else:
+            agree = (alone_masks[0] == batch_masks[i]).float().mean().item()
+            assert agree >= BF16_DECISION_AGREEMENT, agree
+            assert torch.allclose(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)

@@ -9,12 +9,13 @@ scatters its decisions (many runs of kept tokens per layer):
   torch.compile);
 - routed == the float32 reference forward replaying the engine's masks, within the bf16
   tolerance of ``tests/engine_helpers.py``, greedy tokens equal;
-- batch invariance;
+- batch invariance, within bf16 rounding (GPU kernels round by batch shape: decisions agree
+  on >= 97% of pairs, prompt logprobs within the bf16 tolerance);
 - more virtual requests per layer than ``max_num_seqs`` (4 here): FlashInfer's builder takes
   at most that many per build, so the routed layer splits its attention into several calls;
   the engine does not crash and results do not change;
-- per-layer masks differ (pattern A, B, A across layers), which the stateful FlashInfer
-  builder must re-plan (``subset.MetadataCache``).
+- masks differ from layer to layer, so the stateful FlashInfer builder is re-planned per
+  layer and per call (``subset.MetadataCache``); results still match the reference.
 Run on a GPU machine: ``pytest -m gpu tests/test_plugin_gpu.py``.
 """
 
@@ -28,7 +29,6 @@ pytest.importorskip("vllm")
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
 from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
 from tests.engine_helpers import (  # noqa: E402
-    BF16_ATOL,
     check_batch_invariance,
     check_routed_bf16,
     check_routing_off,
@@ -112,12 +112,13 @@ def test_routed_matches_reference(setup):
 
 def test_batch_invariance(setup):
     _, llm, _, _, prompts, _ = setup
-    check_batch_invariance(llm, prompts, atol=BF16_ATOL)
+    check_batch_invariance(llm, prompts, exact=False)
 
 
 def test_many_runs_and_changing_masks(setup):
     """The scattered router gives more runs than max_num_seqs and different masks per
-    layer; every layer got its own plan (builds >= layers with a partial mask)."""
+    layer; every layer got its own plan (builds >= layers with a partial mask). (Checked on
+    the CPU engine with this model: 36-52 runs per layer, 4 distinct masks.)"""
     _, llm, _, _, prompts, _ = setup
     llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
     (out,), (mask,) = run(llm, [prompts[-1]], params())
@@ -126,6 +127,6 @@ def test_many_runs_and_changing_masks(setup):
     runs_per_layer = ((m[:, 1:] - m[:, :-1]) == 1).sum(1) + 1  # runs of kept tokens
     assert int(runs_per_layer.max()) > MAX_NUM_SEQS
     distinct = {tuple(row.tolist()) for row in mask}
-    assert len(distinct) > 2  # A, B, A... across layers
+    assert len(distinct) > 2  # the plan changes from layer to layer
     partial_layers = int((~mask).any(1).sum())
     assert stats["metadata_builds"] >= partial_layers
