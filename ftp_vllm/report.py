@@ -225,6 +225,80 @@ def vllm_accuracy_section(results: list[dict[str, Any]]) -> str:
     return accuracy_table(rows)
 
 
+def _fidelity_key(r: dict[str, Any]) -> tuple:
+    p = r.get("prompts") or {}
+    return (r.get("model"), r.get("dtype"), tuple(p.get("lengths") or ()), p.get("per_bucket"),
+            p.get("seed"), p.get("new_tokens"))
+
+
+def _fidelity_order(r: dict[str, Any]) -> tuple:
+    m = r.get("method", "")
+    return (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, r.get("sparsity_target", 0.0),
+            r.get("schedule") or "", r["_file"])
+
+
+def _fidelity_cells(m: dict[str, Any]) -> list[str]:
+    return [f"{m['sparsity']:.3f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
+            f"{m['match_mean']:.1f}", f"{m['match_median']:g}", f"{m['full_match_rate']:.2f}"]
+
+
+@register_section("fidelity")
+def fidelity_section(results: list[dict[str, Any]]) -> str:
+    """Generation fidelity against dense (results of kind "fidelity"), one table per prompt
+    set, the group's numeric noise floor first; then the same per prompt-length bucket."""
+    rows = [r for r in results if r.get("kind") == "fidelity"]
+    if not rows:
+        return "_No fidelity results yet: run `ftp-vllm fidelity`, then `ftp-vllm report`._\n"
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=_fidelity_order):
+        groups.setdefault(_fidelity_key(r), []).append(r)
+    out = []
+    for (model, dtype, lengths, per_bucket, seed, new_tokens), grp in groups.items():
+        floor = grp[0].get("noise_floor") or {}
+        prompts = grp[0].get("prompts") or {}
+        n = grp[0]["metrics"]["prompts"]
+        out.append(f"**{model}, {dtype}**; {n} held-out prompts ({prompts.get('source', '?')}, "
+                   f"chat template): {per_bucket} per length bucket "
+                   f"{', '.join(map(str, lengths))} tokens (seed {seed}); greedy continuations "
+                   f"of up to {new_tokens} tokens; dense mean "
+                   f"{grp[0]['metrics']['dense_tokens_mean']:.1f} tokens.\n")
+        head = ["method", "target S", "sparsity", "first-token KL", "top-1 agree",
+                "match mean", "match median", "full match", "command"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
+        if floor.get("overall"):
+            out.append("| " + " | ".join([f"noise floor: dense {floor.get('dtype', '?')}", "-",
+                                          *_fidelity_cells(floor["overall"]),
+                                          "(recorded with every row)"]) + " |")
+        for r in grp:
+            out.append("| " + " | ".join([_method_cell(r), f"{r.get('sparsity_target', 0):.2f}",
+                                          *_fidelity_cells(r["metrics"]),
+                                          f"`{r.get('command', '')}`"]) + " |")
+        out.append("")
+        out.append("Per prompt-length bucket (realized sparsity / first-token KL / top-1 "
+                   "agreement / mean matching length):\n")
+        keys = [str(b) for b in lengths]
+        out.append("| method | target S | " + " | ".join(f"~{b} tokens" for b in keys) + " |")
+        out.append("|---|---:|" + "|".join(["---:"] * len(keys)) + "|")
+
+        def cell(b: dict[str, Any] | None) -> str:
+            if not b:
+                return "-"
+            return (f"{b['sparsity']:.2f} / {b['kl_mean']:.3f} / {b['top1_agreement']:.2f} / "
+                    f"{b['match_mean']:.1f}")
+
+        if floor.get("buckets"):
+            out.append("| " + " | ".join([f"noise floor: dense {floor.get('dtype', '?')}", "-",
+                                          *(cell(floor["buckets"].get(k)) for k in keys)])
+                       + " |")
+        for r in grp:
+            out.append("| " + " | ".join([_method_cell(r), f"{r.get('sparsity_target', 0):.2f}",
+                                          *(cell((r.get("buckets") or {}).get(k))
+                                            for k in keys)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 @register_section("bench")
 def bench_section(results: list[dict[str, Any]]) -> str:
     from ftp_vllm.bench.prefill import markdown_section
@@ -358,6 +432,21 @@ round(S x L) blocks of lowest Block Influence on calibration text removed, the r
 
 <!-- BEGIN GENERATED: vllm-accuracy -->
 <!-- END GENERATED: vllm-accuracy -->
+
+## Generation fidelity against dense (reference routed forward)
+
+What a chat user would notice (`ftp-vllm fidelity`): on held-out chat prompts (never
+calibration text), the dense model's greedy continuation is the reference and each routed
+configuration is measured against it. **first-token KL** is KL(dense || routed) of the
+next-token distribution after the prompt (nats, mean over prompts); **top-1 agree** the
+fraction of prompts whose first generated token equals dense's; **match** the number of
+leading greedy tokens equal to dense's (**full match**: fraction of prompts whose whole
+continuation matched); **sparsity** the realized fraction of (prompt token, block) pairs
+skipped. The noise-floor row is dense in another dtype against the same reference: differences
+below it are rounding, not routing.
+
+<!-- BEGIN GENERATED: fidelity -->
+<!-- END GENERATED: fidelity -->
 
 ## Prefill benchmark (vLLM engine, vanilla vs routed, same run)
 

@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     floor_dtype = "float32" if args.dtype == "bfloat16" else "bfloat16"
 
-    path = ensure_model(args.model)
+    path = ensure_model() if args.model is None else args.model
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path} is not a Hugging Face model folder (no config.json)")
     model, tokenizer = load_model(path, dtype=dtype)
     eos = tokenizer.eos_token_id
     prompts = build_prompts(tokenizer, args.lengths, args.prompts, seed=args.seed)
