@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -253,7 +252,7 @@ def test_markdown_shows_both_baselines_per_workload():
 # ------------------------------------------------------------------------ end to end (slow)
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_serve_bench_every_server_and_workload_end_to_end():
+def test_serve_bench_every_server_and_workload_end_to_end(tmp_path):
     """`ftp-vllm serve-bench` on a tiny chat model (the default model's tokenizer and chat
     template), all servers (dense included) and all workloads, one round, token lengths / 4:
     every server x workload has positive throughput and TTFT, the routed runs route, the
@@ -265,7 +264,7 @@ def test_serve_bench_every_server_and_workload_end_to_end():
     _tokenizer()  # skips when the default model (its tokenizer) is not prepared
     from ftp_vllm.model import default_model_dir
 
-    work = Path(tempfile.mkdtemp(prefix="ftp-serve-bench-test-"))
+    work = tmp_path
     model = make_tiny_chat_model(work / "tiny-chat", default_model_dir())
     router = make_router(model, work / "router", kind="mlp", targets=(0.2, 0.4))
     out = work / "serve_bench.json"
@@ -274,11 +273,13 @@ def test_serve_bench_every_server_and_workload_end_to_end():
         [sys.executable, "-m", "ftp_vllm.cli", "serve-bench", "--model", str(model),
          "--router", str(router), "--scale", "0.25", "--rounds", "1", "--servers", "routed",
          "vanilla-same-mode", "vanilla-default", "dense", "--max-model-len", "1024",
-         "--dtype", "float32", "--out", str(out)],
+         "--dtype", "float32", "--out", str(out), "--log-dir", str(work / "logs")],
         capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     data = json.loads(out.read_text())
-    assert data["kind"] == "serve-bench" and data["format"] == st.FORMAT
+    assert data["kind"] == "serve-bench" and data["format"] == st.FORMAT and data["complete"]
+    assert sorted(p.name for p in (work / "logs").iterdir()) == [
+        "routed-round0.log", "vanilla-default-round0.log", "vanilla-same-mode-round0.log"]
     assert data["servers"]["routed"]["execution"]["enforce_eager"] is True  # routed runs eager
     assert data["servers"]["vanilla-same-mode"]["flags"] == ["--enforce-eager"]
     assert data["servers"]["vanilla-same-mode"]["args"][-2:] == ["--no-routing",

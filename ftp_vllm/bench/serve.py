@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", type=Path, default=None,
                    help="markdown summary (default: --out with .md)")
     p.add_argument("--timeout", type=float, default=1800, help="server start-up limit, s")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="server logs (default: a new temporary folder, printed)")
     p.add_argument("bench_args", nargs="*", help="after --: vllm bench serve flags")
     return p
 
@@ -433,7 +435,7 @@ def _base_record(opts: argparse.Namespace, workloads: list[Workload],
 
 
 def bench_url(opts: argparse.Namespace, workloads: list[Workload],
-              record: dict[str, Any]) -> list[dict[str, Any]]:
+              record: dict[str, Any]) -> None:
     """A running server: dense and routed requests (routed only if it routes)."""
     served = _served_model(opts.url)
     routing = _routing_info(opts.url)
@@ -443,14 +445,13 @@ def bench_url(opts: argparse.Namespace, workloads: list[Workload],
                   servers={"given": {"url": "given", "modes": modes}})
     ctx = Context(served, opts.model or served, opts)
     warm_up(opts.url, ctx, workloads)
-    runs = []
     for rnd in range(max(1, opts.rounds)):
-        runs += bench_on_server(opts.url, ctx, workloads, modes, rnd, target)
-    return runs
+        record["runs"] += bench_on_server(opts.url, ctx, workloads, modes, rnd, target)
+        save(record, opts, complete=False)
 
 
 def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
-                  record: dict[str, Any]) -> list[dict[str, Any]]:
+                  record: dict[str, Any]) -> None:
     """Start each server in turn (rotated order per round), measure, stop."""
     from ftp_vllm.model import ensure_model
 
@@ -458,7 +459,8 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
     selected = opts.servers or [ROUTED, VANILLA_SAME_MODE, VANILLA_DEFAULT]
     servers = plan_servers(selected, model, opts)
     by_name = {s.name: s for s in servers}
-    logs = Path(tempfile.mkdtemp(prefix="ftp-serve-bench-"))
+    logs = opts.log_dir or Path(tempfile.mkdtemp(prefix="ftp-serve-bench-"))
+    logs.mkdir(parents=True, exist_ok=True)
     print(f"[serve-bench] server logs in {logs}", flush=True)
     record.update(model=Path(model).name, router=None, target=None,
                   servers={s.name: {"args": [_portable(a) for a in s.args[1:]],
@@ -493,7 +495,6 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
         with started(probe_args, logs / "routed-probe.log", opts.timeout) as srv:
             learn_execution(srv)
 
-    runs: list[dict[str, Any]] = []
     orders = round_orders([s.name for s in servers], opts.rounds)
     record["orders"] = orders
     for rnd, order in enumerate(orders):
@@ -516,8 +517,20 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
                     record.update(router=_router_name(routing), target=target)
                 ctx = Context(_served_model(srv.url), model, opts)
                 warm_up(srv.url, ctx, workloads)
-                runs += bench_on_server(srv.url, ctx, workloads, s.modes, rnd, target)
-    return runs
+                record["runs"] += bench_on_server(srv.url, ctx, workloads, s.modes, rnd,
+                                                  target)
+            save(record, opts, complete=False)  # a later failure keeps what was measured
+
+
+def save(record: dict[str, Any], opts: argparse.Namespace, complete: bool = True) -> str:
+    """Write the record (summary recomputed) and its markdown; returns the markdown."""
+    record["complete"] = complete
+    record["summary"] = summarize(record["runs"])
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(record, indent=2) + "\n")
+    md = markdown_section([record])
+    opts.md.write_text(md)
+    return md
 
 
 def main(argv: Sequence[str]) -> int:
@@ -527,15 +540,9 @@ def main(argv: Sequence[str]) -> int:
         opts.md = opts.out.with_suffix(".md")
     workloads = resolve_workloads(opts)
     record = _base_record(opts, workloads, argv)
-    runs = bench_url(opts, workloads, record) if opts.url else bench_servers(
-        opts, workloads, record)
-    record["runs"] = runs
-    record["summary"] = summarize(runs)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    opts.out.write_text(json.dumps(record, indent=2) + "\n")
-    md = markdown_section([record])
-    opts.md.write_text(md)
-    print(md)
+    record["runs"] = []
+    (bench_url if opts.url else bench_servers)(opts, workloads, record)
+    print(save(record, opts))
     print(f"wrote {opts.out} and {opts.md}", file=sys.stderr)
     return 0
 

@@ -194,6 +194,8 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
                       "0; not a baseline for speed claims): " + "; ".join(
                           f"{wl} tok/s {_ratio_cell(r['throughput'])}, TTFT "
                           f"{_ratio_cell(r['ttft'])}" for wl, r in dense_rows) + "."]
+    if rec.get("complete") is False:
+        lines += ["", "**Incomplete run** (stopped early): only the runs below were measured."]
     failed = sum(r.get("failed", 0) or 0 for r in rec.get("runs", []))
     if failed:
         lines += ["", f"**{failed} request(s) failed** (see the runs in the JSON record)."]
