@@ -366,8 +366,8 @@ def bench_on_server(base_url: str, ctx: Context, workloads: list[Workload], mode
 
 @contextmanager
 def started(args: list[str], log: Path, timeout: float) -> Iterator[Any]:
-    """One server process for the block, always stopped after it. (Not `with
-    ServerProcess(...).start(t)`: `__enter__` would start a second process.)"""
+    """One server process for the block, always stopped after it, also when it fails to
+    start (its log then says why)."""
     from ftp_vllm.server.process import ServerProcess
 
     srv = ServerProcess(args, log)

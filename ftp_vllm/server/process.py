@@ -89,7 +89,8 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        # `with ServerProcess(...).start(t) as srv` must not start a second process.
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
