@@ -57,6 +57,23 @@ def model_fingerprint(config: Any, final_norm_weight: torch.Tensor) -> dict[str,
     return fp
 
 
+def folder_fingerprint(model_dir: str | Path) -> tuple[dict[str, Any], Any]:
+    """(fingerprint, fp32 HF model) of a Hugging Face checkpoint folder."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model_fingerprint(model.config, model.model.norm.weight), model
+
+
+def uniform_artifact(path: str | Path, fingerprint: dict[str, Any], router: TokenRouter,
+                     kind: str, targets: tuple[float, ...],
+                     provenance: dict[str, Any] | None = None) -> Path:
+    """Save an artifact whose schedules spread each target evenly over the blocks (the
+    benchmarks' static router for a model with no shipped artifact; the tests' routers)."""
+    schedule = SparsitySchedule.uniform(list(targets), int(fingerprint["num_hidden_layers"]))
+    return RouterArtifact(kind, schedule, dict(fingerprint), router, provenance or {}).save(path)
+
+
 @dataclass
 class RouterArtifact:
     kind: str  # "mlp" or "static"

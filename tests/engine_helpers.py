@@ -7,21 +7,13 @@ keep masks (``MaskRouter``); a request's output does not depend on its batch.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from ftp_vllm.plugin.testing import (
-    masks_by_request,
-    prompt_logprobs,
-    reference_logprobs,
-    shutdown_engine,
-)
+from ftp_vllm.plugin.offline import shutdown_engine
 from ftp_vllm.reference import greedy_generate, routed_forward
 from ftp_vllm.routing.router import MaskRouter
 
@@ -43,6 +35,31 @@ BF16_MEAN = 0.2
 BF16_TIE = 0.1
 BF16_DECISION_AGREEMENT = 0.97
 shutdown = shutdown_engine
+
+
+def external_id(internal_id: str) -> str:
+    """vLLM's engine appends '-<random>' to a request id; the caller's id is the rest."""
+    return internal_id.rsplit("-", 1)[0]
+
+
+def masks_by_request(masks: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The plugin's recorded keep masks (``ftp_pop_masks``), by the caller's request id."""
+    return {external_id(k): torch.tensor(v, dtype=torch.bool) for k, v in masks.items()}
+
+
+def prompt_logprobs(output: Any) -> torch.Tensor:
+    """[n-1] log-probabilities vLLM gave each prompt token after the first."""
+    values = []
+    ids = output.prompt_token_ids
+    for tok, entry in zip(ids[1:], output.prompt_logprobs[1:], strict=True):
+        values.append(entry[tok].logprob)
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def reference_logprobs(logits: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """[n-1] log-probabilities of ids[1:] from reference logits [n, V]."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
 
 
 def random_prompt(n: int, seed: int, vocab: int = 256) -> list[int]:
@@ -115,22 +132,6 @@ def smollm2_dir() -> Path:
     if not (path / "config.json").exists() or read_marker(path) is None:
         pytest.skip("SmolLM2 is not prepared (run `ftp-vllm model prepare`)")
     return path
-
-
-@contextmanager
-def insecure_rpc() -> Iterator[None]:
-    """Let `collective_rpc` send a function (vLLM refuses pickled callables otherwise).
-    Keep it set for the engine's whole life: its processes inherit it at start and the
-    client decodes their answers with it (an answer decoded without it is lost: a hang)."""
-    old = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
-    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION", None)
-        else:
-            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = old
 
 
 # ---------------------------------------------------------------------- bf16 parity suite

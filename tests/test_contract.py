@@ -95,13 +95,14 @@ def test_server_and_worker_agree(value, expected):
         assert math.isclose(worker, expected, abs_tol=0)
 
 
-def test_names_match_the_plugin():
-    """Until the plugin imports them from here (issue #9), its copies must be equal."""
-    from ftp_vllm import contract, plugin
-    from ftp_vllm.plugin.stats import FTPWorkerExtension
+def test_the_worker_answers_the_contract_rpc_name():
+    """The RPC name the server calls is a method of the worker extension the plugin sets."""
+    pytest.importorskip("vllm")
+    from ftp_vllm import contract
+    from ftp_vllm.plugin.config import WORKER_EXTENSION
+    from ftp_vllm.plugin.worker import FTPWorkerExtension
 
-    assert plugin.SPARSITY_KEY == contract.SPARSITY_KEY
-    assert plugin.STATS_METHOD == contract.STATS_METHOD
+    assert WORKER_EXTENSION == f"{FTPWorkerExtension.__module__}.{FTPWorkerExtension.__name__}"
     assert callable(getattr(FTPWorkerExtension, contract.STATS_METHOD))
 
 
@@ -113,10 +114,12 @@ def test_engine_serves_a_refused_value_dense(tiny_llama_dir, tmp_path, capfd):
     pytest.importorskip("vllm")
     from vllm import LLM, SamplingParams
 
+    from ftp_vllm.artifact import folder_fingerprint
     from ftp_vllm.plugin import routing_overrides
-    from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact, shutdown_engine
+    from ftp_vllm.plugin.offline import shutdown_engine
+    from tests.tiny_models import make_artifact
 
-    art = make_artifact(tmp_path / "art", hf_fingerprint(tiny_llama_dir)[0], kind="mlp")
+    art = make_artifact(tmp_path / "art", folder_fingerprint(tiny_llama_dir)[0], kind="mlp")
     llm = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(art, 0.3),
               skip_tokenizer_init=True, dtype="float32", max_model_len=256, seed=0)
     try:

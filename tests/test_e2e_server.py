@@ -27,7 +27,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
-from ftp_vllm.plugin.testing import shutdown_engine  # noqa: E402
+from ftp_vllm.plugin.offline import shutdown_engine  # noqa: E402
 from ftp_vllm.server.client import HOST, free_port, http_json, metric_sum, metric_value, scrape  # noqa: E402
 from ftp_vllm.server.process import ServerProcess  # noqa: E402
 from tests.tiny_models import make_router, make_tiny_chat_model  # noqa: E402

@@ -17,10 +17,8 @@ from ftp_vllm.plugin.memory import (
     read_node_memory,
     user_kv_setting,
 )
+from tests.memory_helpers import SMOLLM2
 
-# SmolLM2-135M-Instruct as served: bf16 weights, 30 layers x 3 KV heads x 64 x 2 (K, V) x 2 B.
-SMOLLM2 = ModelMemory(weights=269_030_016, kv_per_token=23_040, max_model_len=8192,
-                      max_num_seqs=128)
 MiB = 1 << 20
 
 
@@ -166,9 +164,9 @@ def test_reader_matches_vllm_on_this_machine():
 
 
 def test_model_memory_from_a_checkpoint(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
+    from tests.tiny_models import save_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(tmp_path / "m")  # fp32 on disk, 4 layers, 2 KV heads x 32
+    folder = save_tiny_checkpoint(tmp_path / "m")  # fp32 on disk, 4 layers, 2 KV heads x 32
     from transformers import AutoModelForCausalLM
 
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
@@ -199,9 +197,9 @@ def test_serve_applies_the_rule_unless_the_user_sized_it(tmp_path, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
 
     from ftp_vllm.server.app import prepare_args, size_kv_cache
-    from tests.conftest import make_tiny_checkpoint
+    from tests.tiny_models import save_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(tmp_path / "m")
+    folder = save_tiny_checkpoint(tmp_path / "m")
     monkeypatch.delenv(ENV_KV_SPACE, raising=False)
     args, _ = prepare_args([str(folder), "--max-model-len", "256"])
     choice = size_kv_cache(args)
@@ -226,9 +224,9 @@ def test_serve_stops_with_the_clear_error_when_memory_is_too_small(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import make_tiny_checkpoint
+    from tests.tiny_models import save_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(tmp_path / "m")
+    folder = save_tiny_checkpoint(tmp_path / "m")
     env = {k: v for k, v in os.environ.items() if k != ENV_KV_SPACE}
     out = subprocess.run([sys.executable, "-m", "ftp_vllm.server", str(folder), "--no-routing",
                           "--max-model-len", "100000000"], capture_output=True, text=True,
@@ -254,9 +252,9 @@ def test_offline_engines_get_the_same_rule(tmp_path, monkeypatch):
     """`ftp-vllm bench` and `eval --engine vllm` build `vllm.LLM` with these keywords."""
     pytest.importorskip("vllm")
     from ftp_vllm.plugin.memory import llm_kv_kwargs
-    from tests.conftest import make_tiny_checkpoint
+    from tests.tiny_models import save_tiny_checkpoint
 
-    folder = make_tiny_checkpoint(tmp_path / "m")
+    folder = save_tiny_checkpoint(tmp_path / "m")
     monkeypatch.delenv(ENV_KV_SPACE, raising=False)
     kw = llm_kv_kwargs(folder, dtype="float32", max_model_len=128)
     # 2 KiB per token x 128 x 256 sequences (LLM's default): the engine can use no more.

@@ -21,7 +21,7 @@ from ftp_vllm.plugin.memory import (
     choose_kv_cache,
     minimum_memory,
 )
-from tests.test_memory import SMOLLM2  # the default model, as served (bf16)
+from tests.memory_helpers import SMOLLM2  # the default model, as served (bf16)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

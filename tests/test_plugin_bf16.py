@@ -19,8 +19,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
 from tests.engine_helpers import (  # noqa: E402
     BF16_ATOL,
     check_batch_invariance,
@@ -32,6 +32,7 @@ from tests.engine_helpers import (  # noqa: E402
     smollm2_dir,
     vanilla_results,
 )
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -64,12 +65,12 @@ def setup(request, tmp_path_factory):
 
     if request.param == "tiny":
         model_dir = request.getfixturevalue("tiny_llama_dir")
-        fp, hf_model = hf_fingerprint(model_dir)
+        fp, hf_model = folder_fingerprint(model_dir)
         art = make_artifact(tmp_path_factory.mktemp("art") / "mlp", fp, kind="mlp")
         prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 97, 150)]
     else:
         model_dir = smollm2_dir()
-        _, hf_model = hf_fingerprint(model_dir)
+        _, hf_model = folder_fingerprint(model_dir)
         art = DEFAULT_ARTIFACT  # the shipped trained MLP router
         prompts = text_prompts(model_dir)
     artifact = load_artifact(art)

@@ -8,18 +8,21 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from ftp_vllm.artifact import ArtifactError  # noqa: E402
+from ftp_vllm.artifact import (
+    ArtifactError,  # noqa: E402
+    folder_fingerprint,  # noqa: E402
+)
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
 from ftp_vllm.plugin.runtime import parse_request_sparsity  # noqa: E402
-from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
 from ftp_vllm.routing.schedule import SparsitySchedule  # noqa: E402
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
 def fingerprint(tiny_llama_dir):
-    return hf_fingerprint(tiny_llama_dir)[0]
+    return folder_fingerprint(tiny_llama_dir)[0]
 
 
 @pytest.fixture(scope="module")

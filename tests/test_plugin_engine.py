@@ -13,25 +13,19 @@ import torch
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import (  # noqa: E402
-    hf_fingerprint,
-    make_artifact,
-    masks_by_request,
-    prompt_logprobs,
-    set_subset_policy,
-)
-from tests.engine_helpers import (  # noqa: E402, F401  (names other engine tests import)
-    LOGPROB_TOL,
-    MAX_NEW,
+from tests.engine_helpers import (  # noqa: E402  # noqa: E402, F401  (names other engine tests import)
     check_against_reference,
     engine_kwargs,
-    insecure_rpc,
+    masks_by_request,
     params,
+    prompt_logprobs,
     random_prompt,
     run,
     shutdown,
 )
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -41,7 +35,7 @@ LENGTHS = (3, 17, 40, 97, 150)  # 97 and 150 exceed the 64-token step budget ask
 
 @pytest.fixture(scope="module")
 def hf(tiny_llama_dir):
-    fp, model = hf_fingerprint(tiny_llama_dir)
+    fp, model = folder_fingerprint(tiny_llama_dir)
     return fp, model
 
 
@@ -78,18 +72,15 @@ def vanilla_outputs(tiny_llama_dir, prompts):
 def llm(tiny_llama_dir, artifact, vanilla_outputs):
     from vllm import LLM
 
-    # test_split_attention_and_cache_policy sends a function: both ends need the setting for
-    # the engine's whole life
-    with insecure_rpc():
-        engine = LLM(
-            str(tiny_llama_dir),
-            hf_overrides=routing_overrides(artifact, SPARSITY),
-            enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=True,
-            **engine_kwargs(),
-        )
-        engine.collective_rpc("ftp_record_masks")
-        yield engine
-        shutdown(engine)
+    engine = LLM(
+        str(tiny_llama_dir),
+        hf_overrides=routing_overrides(artifact, SPARSITY),
+        enable_chunked_prefill=True, max_num_batched_tokens=64, enable_prefix_caching=True,
+        **engine_kwargs(),
+    )
+    engine.collective_rpc("ftp_record_masks")
+    yield engine
+    shutdown(engine)
 
 
 def test_features_switched_off(llm):
@@ -210,13 +201,13 @@ def test_split_attention_and_cache_policy(llm, hf, router, prompts, reusable):
         llm.collective_rpc(stats, kwargs={"reset": True})
         (whole,), (mask,) = run(llm, [prompts[i]], params())
         builds_whole = llm.collective_rpc(stats)[0]["metadata_builds"]
-        assert llm.collective_rpc(set_subset_policy, args=(2, reusable)) == [True]
+        assert llm.collective_rpc("ftp_set_subset_policy", args=(2, reusable)) == [True]
         try:
             llm.collective_rpc(stats, kwargs={"reset": True})
             (split,), (split_mask,) = run(llm, [prompts[i]], params())
             builds_split = llm.collective_rpc(stats)[0]["metadata_builds"]
         finally:
-            llm.collective_rpc(set_subset_policy)
+            llm.collective_rpc("ftp_set_subset_policy")
         assert torch.equal(mask, split_mask)
         assert builds_whole == expected_builds(mask, 10**9, True)  # CPU_ATTN: no limit
         assert builds_split == expected_builds(mask, 2, reusable) > 2 * builds_whole

@@ -10,10 +10,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
-from tests.conftest import make_tiny_checkpoint  # noqa: E402
-from tests.test_plugin_engine import engine_kwargs  # noqa: E402
+from tests.engine_helpers import engine_kwargs  # noqa: E402
+from tests.tiny_models import (
+    make_artifact,  # noqa: E402
+    save_tiny_checkpoint,  # noqa: E402
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -21,8 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 def test_artifact_for_other_weights_fails_engine_start(tiny_llama_dir, tmp_path, capfd):
     from vllm import LLM
 
-    other = make_tiny_checkpoint(tmp_path / "other", "llama", seed=99)
-    art = make_artifact(tmp_path / "art", hf_fingerprint(other)[0])
+    other = save_tiny_checkpoint(tmp_path / "other", "llama", seed=99)
+    art = make_artifact(tmp_path / "art", folder_fingerprint(other)[0])
     with pytest.raises(Exception) as info:  # noqa: B017  (vLLM wraps worker failures)
         LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(art, 0.3), **engine_kwargs())
     out, err = capfd.readouterr()

@@ -26,8 +26,8 @@ import torch
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact  # noqa: E402
 from tests.engine_helpers import (  # noqa: E402
     check_batch_invariance,
     check_routed_bf16,
@@ -39,6 +39,7 @@ from tests.engine_helpers import (  # noqa: E402
     shutdown,
     vanilla_results,
 )
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
@@ -68,7 +69,7 @@ def setup(request, tiny_llama_hd64_dir, tmp_path_factory):
 
     backend = request.param
     model_dir = tiny_llama_hd64_dir
-    fp, hf_model = hf_fingerprint(model_dir)
+    fp, hf_model = folder_fingerprint(model_dir)
     art = make_artifact(tmp_path_factory.mktemp("art") / backend, fp, kind="mlp")
     prompts = [random_prompt(n, seed=n) for n in LENGTHS]
     with pytest.MonkeyPatch.context() as mp:

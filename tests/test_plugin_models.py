@@ -12,21 +12,19 @@ import torch
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import (  # noqa: E402
-    hf_fingerprint,
-    make_artifact,
-    prompt_logprobs,
-)
 from tests.engine_helpers import (  # noqa: E402
     check_against_reference,
     engine_kwargs,
     params,
+    prompt_logprobs,  # noqa: E402
     random_prompt,
     run,
     shutdown,
     smollm2_dir,
 )
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -44,7 +42,7 @@ def setup(request, tmp_path_factory):
         model_dir = smollm2_dir()
         # 30 layers of float noise on logprobs down to -180 (random tokens): relative 1e-4
         vocab, lengths, tol = 49152, (5, 33, 70), (1e-3, 1e-4)
-    fp, hf_model = hf_fingerprint(model_dir)
+    fp, hf_model = folder_fingerprint(model_dir)
     art = make_artifact(tmp_path_factory.mktemp("art") / request.param, fp, kind="static")
     prompts = [random_prompt(n, seed=n, vocab=vocab) for n in lengths]
 

@@ -14,16 +14,18 @@ import torch
 
 pytest.importorskip("vllm")
 
+from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact, prompt_logprobs  # noqa: E402
-from tests.test_plugin_engine import (  # noqa: E402
+from tests.engine_helpers import (  # noqa: E402
     check_against_reference,
     engine_kwargs,
     params,
+    prompt_logprobs,  # noqa: E402
     random_prompt,
     run,
     shutdown,
 )
+from tests.tiny_models import make_artifact  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -34,7 +36,7 @@ SPARSITY = 0.3
 def setup(tiny_llama_dir, tmp_path_factory):
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor parallelism needs two cores")
-    fp, hf_model = hf_fingerprint(tiny_llama_dir)
+    fp, hf_model = folder_fingerprint(tiny_llama_dir)
     art = make_artifact(tmp_path_factory.mktemp("art") / "mlp", fp, kind="mlp")
     prompts = [random_prompt(n, seed=100 + n) for n in (6, 31, 77)]
     return hf_model, art, prompts

@@ -37,7 +37,7 @@ FINGERPRINT = dict(model_type="llama", num_hidden_layers=4, hidden_size=128,
 
 @pytest.fixture
 def artifact(tmp_path):
-    from ftp_vllm.plugin.testing import make_artifact
+    from tests.tiny_models import make_artifact
 
     return make_artifact(tmp_path / "router", FINGERPRINT, kind="static", targets=(0.2, 0.4))
 
@@ -71,7 +71,7 @@ def test_bad_server_sparsity_is_refused(artifact, bad):
 
 
 def test_default_sparsity_capped_to_the_artifact(tmp_path):
-    from ftp_vllm.plugin.testing import make_artifact
+    from tests.tiny_models import make_artifact
 
     art = make_artifact(tmp_path / "low", FINGERPRINT, kind="static", targets=(0.1, 0.2))
     routing, ov = S.resolve_routing(model_given=True, router=str(art), env={})

@@ -129,3 +129,31 @@ def test_backend_policies_follow_the_builders():
     assert rswa.max_requests == 8 and not rswa.reusable
     other = backend_policy("SOMETHING_NEW", SimpleNamespace(), 32)
     assert other.max_requests == 32 and not other.reusable
+
+
+def test_plan_tokens_routes_whole_prompts_with_a_target():
+    """Three requests in one step: a whole 5-token prompt at 0.3 (routed), a decode token
+    (dense), a whole prompt asking for 0 (dense)."""
+    from ftp_vllm.plugin.plan import plan_tokens
+
+    query_start = np.array([0, 5, 6, 10])
+    seq_lens = np.array([5, 9, 4])  # request 1 had 8 tokens before this step
+    plan = plan_tokens(query_start, seq_lens, num_prompt=np.array([5, 3, 4]),
+                       targets=np.array([0.3, 0.3, 0.0]))
+    assert plan.routed_reqs.tolist() == [0] and plan.routed_lens.tolist() == [5]
+    assert plan.routed_idx.tolist() == [0, 1, 2, 3, 4]
+    assert plan.tok_req.tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
+    assert plan.tok_pos.tolist() == [0, 1, 2, 3, 4, 8, 0, 1, 2, 3]
+    assert not plan.partial
+
+
+def test_plan_tokens_leaves_prompts_that_arrive_in_pieces_dense():
+    from ftp_vllm.plugin.plan import plan_tokens
+
+    # a 10-token prompt whose first 6 tokens were computed earlier (a chunk or a cache hit)
+    plan = plan_tokens(np.array([0, 4]), np.array([10]), np.array([10]), np.array([0.4]))
+    assert plan.partial and len(plan.routed_reqs) == 0 and len(plan.routed_idx) == 0
+    assert plan.tok_pos.tolist() == [6, 7, 8, 9]
+    # one-token prompts are never routed (the first and last token always run)
+    plan = plan_tokens(np.array([0, 1]), np.array([1]), np.array([1]), np.array([0.4]))
+    assert len(plan.routed_reqs) == 0

@@ -47,11 +47,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _static_artifact(model_dir: Path, sparsities: list[float], out: Path) -> Path:
-    from ftp_vllm.plugin.testing import hf_fingerprint, make_artifact
+    from ftp_vllm.artifact import folder_fingerprint, uniform_artifact
+    from ftp_vllm.routing.router import StaticRouter
 
-    fp, _ = hf_fingerprint(model_dir)
+    fp, _ = folder_fingerprint(model_dir)
     targets = tuple(sorted({s for s in sparsities if s > 0})) or (0.3,)
-    return make_artifact(out, fp, kind="static", targets=targets)
+    return uniform_artifact(out, fp, StaticRouter(), "static", targets,
+                            {"made_by": "ftp-vllm bench prefill"})
 
 
 def _default_router() -> Path | None:
@@ -97,7 +99,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
 
     from ftp_vllm.plugin import routing_overrides
-    from ftp_vllm.plugin.testing import shutdown_engine
+    from ftp_vllm.plugin.offline import shutdown_engine
 
     if args.model is None:
         from ftp_vllm.model.prepare import ensure_model

@@ -23,7 +23,7 @@ from ftp_vllm.plugin.refusals import check_config
 
 logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
-WORKER_EXTENSION = "ftp_vllm.plugin.stats.FTPWorkerExtension"
+WORKER_EXTENSION = "ftp_vllm.plugin.worker.FTPWorkerExtension"
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,6 @@ class FTPRoutingConfig:
         elif pc.worker_extension_cls != WORKER_EXTENSION:
             logger.warning(
                 "FTP routing: worker_extension_cls=%s is set, so collective_rpc('%s') is "
-                "unavailable; read stats with collective_rpc(ftp_vllm.plugin.stats.read_stats)",
+                "unavailable; read stats with collective_rpc(ftp_vllm.plugin.worker.read_stats)",
                 pc.worker_extension_cls, STATS_METHOD,
             )

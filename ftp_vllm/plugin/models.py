@@ -18,18 +18,21 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.attention.attention import unified_kv_cache_update
-from vllm.model_executor.layers.logits_processor import LogitsProcessor
-from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
-from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index, maybe_prefix
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
+from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from ftp_vllm.artifact import model_fingerprint
 from ftp_vllm.flops import BlockShape
 from ftp_vllm.plugin.config import routing_settings
-from ftp_vllm.plugin.runtime import RoutingRuntime, get_runtime, install
+from ftp_vllm.plugin.runtime import RoutingRuntime, activate, get_runtime
+from ftp_vllm.plugin.vllm_internals import (
+    attend,
+    init_qwen2_for_causal_lm,
+    write_kv,
+    writes_kv_in_forward,
+)
 
 FINAL_NORM = "model.norm.weight"
 
@@ -46,50 +49,51 @@ class RoutedLayerMixin:
         self.ftp_last = self.ftp_layer == num_layers - 1
 
     def forward(self, positions, hidden_states, residual, **kwargs):
-        rt = get_runtime()
-        plan = rt.plan(hidden_states.shape[0]) if rt is not None else None
+        runtime = get_runtime()
+        plan = runtime.plan(hidden_states.shape[0]) if runtime is not None else None
         if plan is None:
             return super().forward(positions, hidden_states, residual, **kwargs)
         try:
-            return self._routed_forward(rt, plan, positions, hidden_states, residual)
+            return self._routed_forward(runtime, plan, positions, hidden_states, residual)
         finally:
             if self.ftp_last:
-                rt.finish_step(plan)
+                runtime.finish_step(plan)
 
     def _qkv(self, positions, hidden_states):
-        sa = self.self_attn
-        qkv, _ = sa.qkv_proj(hidden_states)
-        q, k, v = qkv.split([sa.q_size, sa.kv_size, sa.kv_size], dim=-1)
-        if getattr(sa, "qk_norm", False):
+        self_attn = self.self_attn
+        qkv, _ = self_attn.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self_attn.q_size, self_attn.kv_size, self_attn.kv_size], dim=-1)
+        if getattr(self_attn, "qk_norm", False):
             n = q.shape[0]
-            q = sa.q_norm(q.view(n, sa.num_heads, sa.head_dim)).view(n, sa.q_size)
-            k = sa.k_norm(k.view(n, sa.num_kv_heads, sa.head_dim)).view(n, sa.kv_size)
-        q, k = sa.rotary_emb(positions, q, k)
+            q = self_attn.q_norm(q.view(n, self_attn.num_heads, self_attn.head_dim))
+            k = self_attn.k_norm(k.view(n, self_attn.num_kv_heads, self_attn.head_dim))
+            q, k = q.view(n, self_attn.q_size), k.view(n, self_attn.kv_size)
+        q, k = self_attn.rotary_emb(positions, q, k)
         return q, k, v
 
-    def _routed_forward(self, rt, plan, positions, hidden_states, residual):
+    def _routed_forward(self, runtime, plan, positions, hidden_states, residual):
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        sa = self.self_attn
-        attn = sa.attn
+        self_attn = self.self_attn
+        attn = self_attn.attn
         q, k, v = self._qkv(positions, hidden_states)
-        route = rt.route(
+        route = runtime.route(
             plan, self.ftp_layer, q, k, attn.num_heads, attn.num_kv_heads, attn.head_size,
-            sa.scaling,
+            self_attn.scaling,
         )
         if route is None:  # every token runs this block: vLLM's own path
             attn_out = attn(q, k, v)
-            out, _ = sa.o_proj(attn_out)
+            out, _ = self_attn.o_proj(attn_out)
             hidden_states, residual = self.post_attention_layernorm(out, residual)
             return self.mlp(hidden_states), residual
 
         num_tokens = q.shape[0]
         key = k.view(num_tokens, attn.num_kv_heads, attn.head_size)
         value = v.view(num_tokens, attn.num_kv_heads, attn.head_size_v)
-        unified_kv_cache_update(key, value, attn.layer_name)  # K/V of every token
+        write_kv(attn, key, value)  # K/V of every token
         idx = route.kept_idx
         num_kept = idx.numel()
         query = q.view(num_tokens, attn.num_heads, attn.head_size).index_select(0, idx)
@@ -100,11 +104,9 @@ class RoutedLayerMixin:
         kept_value = value.index_select(0, idx)
         for part in route.parts:  # one call per group of virtual requests the backend takes
             a, b = part.start, part.end
-            attn.impl.forward(
-                attn, query[a:b], kept_key[a:b], kept_value[a:b], attn.kv_cache,
-                rt.part_metadata(plan, part), output=attn_out[a:b],
-            )
-        out, _ = sa.o_proj(attn_out.view(num_kept, -1))
+            attend(attn, query[a:b], kept_key[a:b], kept_value[a:b],
+                   runtime.part_metadata(plan, part), out=attn_out[a:b])
+        out, _ = self_attn.o_proj(attn_out.view(num_kept, -1))
         h, res_kept = self.post_attention_layernorm(out, residual.index_select(0, idx))
         h = self.mlp(h)
         hidden_out = torch.zeros_like(residual).index_copy_(0, idx, h)
@@ -136,7 +138,7 @@ class RoutedModelMixin:
         cfg = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         layers = [m for m in self.model.layers if not isinstance(m, PPMissingLayer)]
         backend = layers[0].self_attn.attn.attn_backend
-        if getattr(backend, "forward_includes_kv_cache_update", False):
+        if writes_kv_in_forward(backend):
             raise NotImplementedError(
                 f"FTP routing needs an attention backend that writes K/V apart from its "
                 f"forward; {backend.get_name()} does not"
@@ -155,7 +157,7 @@ class RoutedModelMixin:
             tp_size=get_tensor_model_parallel_world_size(),
             backend_name=backend.get_name(),
         )
-        install(runtime, backend.get_builder_cls())
+        activate(runtime, backend.get_builder_cls())
 
     def _ftp_watch_norm(
         self, weights: Iterable[tuple[str, torch.Tensor]]
@@ -189,26 +191,6 @@ class FTPLlamaForCausalLM(RoutedModelMixin, LlamaForCausalLM):
 
 class FTPQwen2ForCausalLM(RoutedModelMixin, Qwen2ForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        # Qwen2ForCausalLM.__init__ with the routed decoder layer (it takes no layer type).
-        nn.Module.__init__(self)
-        config = vllm_config.model_config.hf_config.get_text_config()
-        quant_config = vllm_config.quant_config
-        self.config = config
-        self.quant_config = quant_config
-        self.model = Qwen2Model(
-            vllm_config=vllm_config,
-            prefix=maybe_prefix(prefix, "model"),
-            decoder_layer_type=FTPQwen2DecoderLayer,
-        )
-        if get_pp_group().is_last_rank:
-            self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, quant_config=quant_config,
-                prefix=maybe_prefix(prefix, "lm_head"),
-            )
-            if config.tie_word_embeddings:
-                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
-        else:
-            self.lm_head = PPMissingLayer()
-        self.logits_processor = LogitsProcessor(config.vocab_size)
-        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+        # Qwen2ForCausalLM.__init__ takes no decoder layer type: a marked copy that does.
+        init_qwen2_for_causal_lm(self, vllm_config, prefix, FTPQwen2DecoderLayer)
         self._ftp_setup(vllm_config)

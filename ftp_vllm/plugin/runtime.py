@@ -7,17 +7,17 @@ models), each one's per-block sparsity targets (from its request's own target), 
 of subset attention metadata keyed by keep mask (``subset.MetadataCache``: layers with equal
 masks share one build where the backend allows it).
 
-Two small hooks feed it, both installed only when a routed model is constructed:
-- the attention backend's metadata builder ``build`` is wrapped to keep the step's
-  ``CommonAttentionMetadata`` (backend-generic: every builder receives one);
-- the model runner's ``_prepare_inputs`` is wrapped to read, per request of the batch, its
-  id, prompt length and ``SamplingParams.extra_args["ftp_sparsity"]``. A step the runner
-  did not prepare (profiling, warm-up, another runner) runs dense.
+Two hooks feed it (``vllm_internals.install_hooks``, installed when a routed model is
+constructed): the attention builder's ``build`` hands over the step's
+``CommonAttentionMetadata`` (``on_build``), and the model runner's ``_prepare_inputs`` the
+step's requests: id, prompt length, ``extra_args["ftp_sparsity"]`` (``on_prepare_inputs``).
+A step the runner did not prepare (profiling, warm-up, another runner) runs dense. What this
+module decides is plain numpy/torch (``subset.py`` for the runs of kept tokens); every vLLM
+internal it needs goes through ``vllm_internals``.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +28,21 @@ from vllm.logger import init_logger
 
 from ftp_vllm.contract import request_sparsity
 from ftp_vllm.flops import BlockShape
+from ftp_vllm.plugin.plan import plan_tokens
 from ftp_vllm.plugin.stats import RoutingStats
 from ftp_vllm.plugin.subset import (
     BackendPolicy,
-    KeptRuns,
     MetadataCache,
     backend_policy,
     kept_runs,
     split_runs,
+)
+from ftp_vllm.plugin.vllm_internals import (
+    batch_requests,
+    forward_context,
+    install_hooks,
+    new_builder,
+    subset_metadata,
 )
 from ftp_vllm.routing.layout import TokenLayout
 from ftp_vllm.routing.router import RouterInputs, TokenRouter
@@ -75,7 +82,7 @@ class AttnPart:
 
     start: int
     end: int
-    cm: Any  # CommonAttentionMetadata of these virtual requests
+    common_metadata: Any  # CommonAttentionMetadata of these virtual requests
     key: tuple[bytes, int]  # (keep mask, first run): the metadata cache key
 
 
@@ -98,7 +105,7 @@ class StepPlan:
     # host arrays over all tokens of the step, for runs of kept tokens
     tok_req: np.ndarray
     tok_pos: np.ndarray
-    cm: Any
+    step_metadata: Any  # the step's CommonAttentionMetadata (all tokens)
     keeps: np.ndarray  # [L, Tr] bool, filled layer by layer
     meta_cache: MetadataCache  # built backend metadata (reuse per backend policy)
     routes: dict[bytes, LayerRoute] = field(default_factory=dict)  # host-side, by keep mask
@@ -128,37 +135,33 @@ class RoutingRuntime:
         self.tp_size = tp_size
         self.stats = RoutingStats(num_layers, shape)
         self._blocks: dict[float, Tensor] = {}
-        self._cm = None
-        self._cm_builder = None
+        self._step_metadata = None
+        self._engine_builder = None
         self._req_info: RequestInfo | None = None
         self._req_cache: dict[str, float] = {}
         self.backend_name = backend_name
         self._builder = None
         self._policy: BackendPolicy | None = None
         self._unsynced_build = False  # a build since the device last caught up with the host
-        self.policy_override: BackendPolicy | None = None  # tests (testing.set_subset_policy)
+        self.policy_override: BackendPolicy | None = None  # tests (worker.ftp_set_subset_policy)
         self._plan: StepPlan | None = None
         self._plan_ctx: Any = None
         self._warned: set[str] = set()
         self._fresh = False  # the runner prepared a new step since the last plan
 
     # ------------------------------------------------------------------ hooks
-    def on_build(self, builder: Any, cm: Any) -> None:
-        self._cm = cm
-        self._cm_builder = builder
+    def on_build(self, builder: Any, common_metadata: Any) -> None:
+        if builder is not self._builder:  # the engine's build for this step, not one of ours
+            self._step_metadata = common_metadata
+            self._engine_builder = builder
 
     def on_prepare_inputs(self, runner: Any) -> None:
-        batch = runner.input_batch
-        n = batch.num_reqs
-        req_ids = list(batch.req_ids[:n])
+        batch = batch_requests(runner, known=set(self._req_cache))
         cache = {}
-        sparsity = np.empty(n, dtype=np.float64)
-        for i, rid in enumerate(req_ids):
+        sparsity = np.empty(len(batch.req_ids), dtype=np.float64)
+        for i, (rid, extra) in enumerate(zip(batch.req_ids, batch.extra_args, strict=True)):
             s = self._req_cache.get(rid)
             if s is None:
-                state = runner.requests.get(rid)
-                params = getattr(state, "sampling_params", None)
-                extra = getattr(params, "extra_args", None)
                 try:
                     s = parse_request_sparsity(extra, self.schedule, self.default_sparsity)
                 except ValueError as e:
@@ -168,8 +171,8 @@ class RoutingRuntime:
             cache[rid] = s
             sparsity[i] = s
         self._req_cache = cache
-        self._req_info = RequestInfo(req_ids, batch.num_prompt_tokens[:n].copy(), sparsity)
-        self._cm = None  # the builder runs after this, for this step
+        self._req_info = RequestInfo(batch.req_ids, batch.num_prompt_tokens, sparsity)
+        self._step_metadata = None  # the builder runs after this, for this step
         self._fresh = True
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -186,76 +189,62 @@ class RoutingRuntime:
 
     def plan(self, num_tokens: int) -> StepPlan | None:
         """The step's plan, built at the first routed layer; None: run the step dense."""
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if not is_forward_context_available():
+        ctx = forward_context()
+        if ctx is None:
             return None
-        ctx = get_forward_context()
         if ctx is self._plan_ctx:
             return self._plan
         self._plan_ctx = ctx
         self._plan = None
         fresh, self._fresh = self._fresh, False
-        if not fresh or not ctx.attn_metadata or self._cm is None:
+        if not fresh or not ctx.attn_metadata or self._step_metadata is None:
             return None  # profiling / warm-up / dummy runs
         self._plan = self._build_plan(num_tokens)
         self.stats.steps += 1
         return self._plan
 
     def _build_plan(self, num_tokens: int) -> StepPlan | None:
-        cm = self._cm
-        num_reqs = int(cm.num_reqs)
-        qsl = cm.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-        if int(qsl[-1]) != num_tokens:
-            self._warn_once("tokens", f"metadata covers {qsl[-1]} of {num_tokens} tokens")
+        step = self._step_metadata
+        num_reqs = int(step.num_reqs)
+        query_start = step.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+        if int(query_start[-1]) != num_tokens:
+            self._warn_once(
+                "tokens", f"metadata covers {query_start[-1]} of {num_tokens} tokens")
             return None
-        q_lens = np.diff(qsl)
-        seq_lens = cm.seq_lens[:num_reqs].cpu().numpy().astype(np.int64)
-        computed = seq_lens - q_lens
         info = self._req_info
         if info is None or len(info.req_ids) != num_reqs:
             self._warn_once("info", "request info does not match the batch; step served dense")
             return None
-        num_prompt = info.num_prompt.astype(np.int64)
-        targets = info.sparsity
-        req_ids = info.req_ids
-        prefill = (computed == 0) & (num_prompt >= 2) & (q_lens >= 2)
-        partial = (computed > 0) & (computed < num_prompt)
-        if partial.any():
+        seq_lens = step.seq_lens[:num_reqs].cpu().numpy()
+        tokens = plan_tokens(query_start, seq_lens, info.num_prompt, info.sparsity)
+        if tokens.partial:
             self._warn_once(
                 "partial",
                 "a prompt arrived in pieces (chunked prefill or a prefix-cache hit); such "
                 "prompts are served dense",
             )
-        routed = prefill & (targets > 0)
-        if not routed.any():
+        if not len(tokens.routed_reqs):
             return None
-        rr = np.flatnonzero(routed)
-        rlen = np.minimum(num_prompt[rr], q_lens[rr])
-        blocks = [self.blocks(float(targets[r])) for r in rr]
+        targets = info.sparsity[tokens.routed_reqs]
+        blocks = [self.blocks(float(t)) for t in targets]
         if all(not bool((b > 0).any()) for b in blocks):
             return None
-        routed_idx_np = np.concatenate(
-            [np.arange(qsl[r], qsl[r] + n) for r, n in zip(rr, rlen, strict=True)]
-        )
-        device = cm.query_start_loc.device
-        layout = TokenLayout.from_lengths(torch.as_tensor(rlen), device=device)
-        bs = torch.stack(blocks).to(device)[layout.seq_ids].T.contiguous()  # [L, Tr]
-        tok_req = np.repeat(np.arange(num_reqs), q_lens)
-        tok_pos = computed[tok_req] + (np.arange(num_tokens) - qsl[tok_req])
+        device = step.query_start_loc.device
+        layout = TokenLayout.from_lengths(torch.as_tensor(tokens.routed_lens), device=device)
+        block_sparsity = torch.stack(blocks).to(device)[layout.seq_ids].T.contiguous()  # [L, Tr]
         return StepPlan(
             num_tokens=num_tokens,
-            req_ids=req_ids,
-            routed_idx=torch.from_numpy(routed_idx_np).to(device),
-            routed_idx_np=routed_idx_np,
+            req_ids=info.req_ids,
+            routed_idx=torch.from_numpy(tokens.routed_idx).to(device),
+            routed_idx_np=tokens.routed_idx,
             layout=layout,
-            block_sparsity=bs,
-            routed_req=rr,
-            routed_target=targets[rr],
-            tok_req=tok_req,
-            tok_pos=tok_pos,
-            cm=cm,
-            keeps=np.ones((self.num_layers, len(routed_idx_np)), dtype=bool),
+            block_sparsity=block_sparsity,
+            routed_req=tokens.routed_reqs,
+            routed_target=targets,
+            tok_req=tokens.tok_req,
+            tok_pos=tokens.tok_pos,
+            step_metadata=step,
+            keeps=np.ones((self.num_layers, len(tokens.routed_idx)), dtype=bool),
             meta_cache=MetadataCache(self.policy().reusable),
         )
 
@@ -311,8 +300,9 @@ class RoutingRuntime:
                 # calls already queued before planning over it. route() fetching a keep mask
                 # from the device is such a wait, so with device-side routers this only runs
                 # for a layer split into several calls.
-                _synchronize(plan.cm.query_start_loc.device)
-            meta = self._get_builder().build(common_prefix_len=0, common_attn_metadata=part.cm)
+                _synchronize(plan.step_metadata.query_start_loc.device)
+            meta = self._get_builder().build(
+                common_prefix_len=0, common_attn_metadata=part.common_metadata)
             self._unsynced_build = True
             return meta
 
@@ -324,16 +314,7 @@ class RoutingRuntime:
     # ------------------------------------------------------------------ metadata
     def _get_builder(self) -> Any:
         if self._builder is None:
-            b = self._cm_builder
-            # A builder of our own: backends keep persistent buffers and (FlashInfer)
-            # planned wrappers in theirs, which the engine's own layers still use this step.
-            own = type(b)(b.kv_cache_spec, b.layer_names, b.vllm_config, b.device)
-            if hasattr(b, "_get_workspace_buffer") and hasattr(own, "set_workspace_buffer"):
-                # FlashInfer: share the engine builder's float workspace (scratch that lives
-                # within one kernel run; vLLM's V2 runner shares it across builders too)
-                # instead of allocating hundreds of MiB more after the KV cache was sized.
-                own.set_workspace_buffer(b._get_workspace_buffer())
-            self._builder = own
+            self._builder = new_builder(self._engine_builder)
         return self._builder
 
     def policy(self) -> BackendPolicy:
@@ -353,54 +334,18 @@ class RoutingRuntime:
         """The kept tokens and their attention calls: virtual requests (``kept_runs``) in
         groups of at most the backend's limit (``split_runs``)."""
         runs = kept_runs(keep_all, plan.tok_req, plan.tok_pos)
-        device = plan.cm.query_start_loc.device
+        device = plan.step_metadata.query_start_loc.device
         kept_t = torch.from_numpy(runs.kept).to(device)
         parts = []
         for lo, hi in split_runs(runs.num_runs, self.policy().max_requests):
             start = int(runs.run_start[lo])
             end = int(runs.run_start[hi]) if hi < runs.num_runs else len(runs.kept)
-            cm = self._subset_common_metadata(plan.cm, runs, lo, hi, kept_t[start:end])
-            parts.append(AttnPart(start=start, end=end, cm=cm, key=(key, lo)))
+            metadata = subset_metadata(
+                plan.step_metadata, runs.run_len[lo:hi], runs.run_req[lo:hi],
+                runs.run_seq[lo:hi], kept_t[start:end],
+            )
+            parts.append(AttnPart(start=start, end=end, common_metadata=metadata, key=(key, lo)))
         return LayerRoute(kept_idx=kept_t, parts=parts)
-
-    @staticmethod
-    def _subset_common_metadata(
-        cm: Any, runs: KeptRuns, lo: int, hi: int, kept_t: Tensor
-    ) -> Any:
-        """``CommonAttentionMetadata`` of virtual requests [lo, hi): each run of kept tokens
-        is a request whose query is the run and whose keys are its parent's positions up to
-        the run's last token (the parent's block-table row). Every field a vLLM 0.32 builder
-        reads is set from the runs or the step's metadata (list in ``subset.py``); fields for
-        features routed engines do not have (DCP, encoder, multimodal, R-SWA, fast prefill)
-        stay None."""
-        from vllm.v1.attention.backend import CommonAttentionMetadata
-
-        run_len = runs.run_len[lo:hi]
-        run_req = runs.run_req[lo:hi]
-        qsl = np.zeros(hi - lo + 1, dtype=np.int32)
-        np.cumsum(run_len, out=qsl[1:])
-        device = cm.query_start_loc.device
-        run_req_t = torch.from_numpy(run_req).to(device)
-        qsl_cpu = torch.from_numpy(qsl)
-        seq_cpu = torch.from_numpy(runs.run_seq[lo:hi].astype(np.int32))
-        return CommonAttentionMetadata(
-            query_start_loc=qsl_cpu.to(device),
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens=seq_cpu.to(device),
-            num_reqs=hi - lo,
-            num_actual_tokens=int(qsl[-1]),
-            max_query_len=int(run_len.max()),
-            max_seq_len=int(seq_cpu.max()),
-            block_table_tensor=cm.block_table_tensor.index_select(0, run_req_t),
-            slot_mapping=cm.slot_mapping.index_select(0, kept_t),
-            causal=True,
-            seq_lens_cpu_upper_bound=seq_cpu,  # exact: no speculative tokens in prefill runs
-            is_prefilling=None
-            if cm.is_prefilling is None
-            else cm.is_prefilling.index_select(0, run_req_t.to(cm.is_prefilling.device)),
-            positions=None if cm.positions is None else cm.positions.index_select(0, kept_t),
-            req_idx=None if cm.req_idx is None else np.asarray(cm.req_idx)[run_req],
-        )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -408,38 +353,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-# ---------------------------------------------------------------------- install
-def install(runtime: RoutingRuntime, builder_cls: type) -> None:
-    """Make `runtime` the process's routing state and wrap the two hooks (idempotent)."""
+def activate(runtime: RoutingRuntime, builder_cls: type) -> None:
+    """Make ``runtime`` the process's routing state and feed it from vLLM's hooks."""
     global _RUNTIME
     _RUNTIME = runtime
-    if not getattr(builder_cls.build, "_ftp_wrapped", False):
-        original_build = builder_cls.build
-
-        @functools.wraps(original_build)
-        def build(self, common_prefix_len, common_attn_metadata, *args, **kwargs):
-            rt = _RUNTIME
-            if rt is not None and self is not rt._builder:
-                rt.on_build(self, common_attn_metadata)
-            return original_build(self, common_prefix_len, common_attn_metadata, *args, **kwargs)
-
-        build._ftp_wrapped = True  # type: ignore[attr-defined]
-        builder_cls.build = build
-    try:
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-    except ImportError:  # pragma: no cover
-        logger.warning("FTP routing: no GPUModelRunner; per-request sparsity unavailable")
-        return
-    if not getattr(GPUModelRunner._prepare_inputs, "_ftp_wrapped", False):
-        original_prepare = GPUModelRunner._prepare_inputs
-
-        @functools.wraps(original_prepare)
-        def _prepare_inputs(self, *args, **kwargs):
-            out = original_prepare(self, *args, **kwargs)
-            rt = _RUNTIME
-            if rt is not None:
-                rt.on_prepare_inputs(self)
-            return out
-
-        _prepare_inputs._ftp_wrapped = True  # type: ignore[attr-defined]
-        GPUModelRunner._prepare_inputs = _prepare_inputs
+    install_hooks(builder_cls, runtime.on_build, runtime.on_prepare_inputs)

@@ -4,9 +4,7 @@ Counts are kept on the host: the subset attention metadata needs each layer's ke
 the host anyway, so statistics add no device sync. Totals are monotonic counters (ready for
 Prometheus counters); per-request records (sparsity, FLOP-model speedup) queue up until a
 reader drains them (histograms). Every tensor-parallel rank holds the same numbers: read rank 0.
-
-    llm.collective_rpc("ftp_routing_stats")            # -> [dict per rank]
-    llm.collective_rpc("ftp_routing_stats", kwargs={"drain_requests": True})
+Workers hand them out through ``worker.FTPWorkerExtension.ftp_routing_stats``.
 """
 
 from __future__ import annotations
@@ -101,50 +99,3 @@ class RoutingStats:
             out["requests"] = list(self.requests)
             self.requests.clear()
         return out
-
-
-def _stats() -> RoutingStats | None:
-    from ftp_vllm.plugin.runtime import get_runtime
-
-    rt = get_runtime()
-    return None if rt is None else rt.stats
-
-
-def read_stats(worker: Any = None, reset: bool = False, drain_requests: bool = False):
-    """The worker's routing statistics (None when the model is not routed).
-
-    Usable as ``collective_rpc(read_stats)`` (callables need vLLM's insecure serialization)
-    or through the worker extension method ``ftp_routing_stats``.
-    """
-    stats = _stats()
-    if stats is None:
-        return None
-    out = stats.snapshot(drain_requests=drain_requests)
-    if reset:
-        stats.reset()
-    return out
-
-
-class FTPWorkerExtension:
-    """Methods the plugin adds to vLLM workers of routed models (``worker_extension_cls``)."""
-
-    def ftp_routing_stats(self, reset: bool = False, drain_requests: bool = False):
-        return read_stats(self, reset=reset, drain_requests=drain_requests)
-
-    def ftp_record_masks(self, on: bool = True) -> bool:
-        """Tests: keep each routed request's [L, n_prompt] keep mask, by request id."""
-        stats = _stats()
-        if stats is None:
-            return False
-        stats.record_masks = on
-        if not on:
-            stats.masks.clear()
-        return True
-
-    def ftp_pop_masks(self) -> dict[str, list[list[bool]]]:
-        stats = _stats()
-        if stats is None:
-            return {}
-        masks = {k: v.tolist() for k, v in stats.masks.items()}
-        stats.masks.clear()
-        return masks
