@@ -213,9 +213,11 @@ def snap(tokens, skipped, kept, requests=()):
             "requests": list(requests)}
 
 
-def rec(rid, n, sparsity, speedup):
+def rec(rid, n, sparsity, speedup, skipped=(0, 0)):
+    """A per-request record as the plugin writes it (2 layers: `skipped` pairs per layer)."""
     return {"request_id": rid, "prompt_tokens": n, "target_sparsity": 0.3,
-            "token_sparsity": sparsity, "flop_speedup": speedup}
+            "token_sparsity": sparsity, "flop_speedup": speedup,
+            "skipped_per_layer": list(skipped), "kept_per_layer": [n - k for k in skipped]}
 
 
 def value(registry, name, **labels):
@@ -229,10 +231,11 @@ def test_poller_turns_totals_into_counters_and_records_into_histograms():
     calls = []
     snaps = [
         snap(10, [1, 2], [9, 8]),  # baseline (start-up warm-up and self-benchmark)
-        snap(110, [21, 32], [89, 78], [rec("cmpl-a-0-0123abcd", 60, 0.25, 1.3),
-                                       rec("chatcmpl-b-89abcdef", 40, 0.25, 1.3)]),
-        snap(150, [31, 32], [99, 118], [rec(f"{SELF_BENCH_PREFIX}x", 40, 0.125, 1.1)]),
-        snap(5, [1, 1], [4, 4], [rec("cmpl-c-0-00000000", 5, 0.2, 1.2)]),  # worker restarted
+        snap(110, [21, 32], [89, 78], [rec("cmpl-a-0-0123abcd", 60, 0.25, 1.3, (10, 20)),
+                                       rec("chatcmpl-b-89abcdef", 40, 0.25, 1.3, (10, 10))]),
+        # a self-benchmark request in between: its pairs stay out of the counters
+        snap(150, [31, 32], [119, 118], [rec(f"{SELF_BENCH_PREFIX}x", 40, 0.125, 1.1, (10, 0))]),
+        snap(5, [1, 1], [4, 4], [rec("cmpl-c-0-00000000", 5, 0.2, 1.2, (1, 1))]),  # restarted
     ]
 
     async def rpc(method, timeout=None, kwargs=None):
@@ -251,8 +254,8 @@ def test_poller_turns_totals_into_counters_and_records_into_histograms():
     assert calls[0] == ("ftp_routing_stats", {"drain_requests": True})
     # 100 + (40 - 40 self-benchmark tokens) + 5 after the restart
     assert value(reg, "ftp_prefill_tokens_total") == 105
-    assert value(reg, "ftp_skipped_token_blocks_total", layer="0") == 20 + 10 + 1
-    assert value(reg, "ftp_computed_token_blocks_total", layer="1") == 70 + 40 + 4
+    assert value(reg, "ftp_skipped_token_blocks_total", layer="0") == 20 + 0 + 1
+    assert value(reg, "ftp_computed_token_blocks_total", layer="1") == 70 + 0 + 4
     assert value(reg, "ftp_request_token_sparsity_count") == 3  # self-benchmark left out
     assert value(reg, "ftp_request_flop_speedup_sum") == pytest.approx(1.3 + 1.3 + 1.2)
     assert value(reg, "ftp_request_token_sparsity_bucket", le="0.25") == 3

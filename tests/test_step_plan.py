@@ -157,3 +157,31 @@ def test_plan_tokens_leaves_prompts_that_arrive_in_pieces_dense():
     # one-token prompts are never routed (the first and last token always run)
     plan = plan_tokens(np.array([0, 1]), np.array([1]), np.array([1]), np.array([0.4]))
     assert len(plan.routed_reqs) == 0
+
+
+def test_stats_records_carry_per_layer_counts_that_add_up():
+    """Each routed request's record has its kept/skipped pairs per layer (the server keeps
+    the self-benchmark's own requests out of its per-layer counters with them)."""
+    from ftp_vllm.flops import BlockShape
+    from ftp_vllm.plugin.stats import RoutingStats
+    from ftp_vllm.routing.layout import TokenLayout
+
+    rng = np.random.default_rng(0)
+    keeps = rng.random((3, 9)) < 0.7  # 3 layers, requests of 4 and 5 routed tokens
+    plan = SimpleNamespace(
+        keeps=keeps, layout=TokenLayout.from_lengths(torch.tensor([4, 5])),
+        routed_req=np.array([0, 2]), routed_target=np.array([0.3, 0.4]),
+        req_ids=["a", "dense", "b"], builds=1,
+    )
+    stats = RoutingStats(3, BlockShape(hidden=64, intermediate=128, num_heads=4,
+                                       num_kv_heads=2, head_dim=16))
+    stats.record_step(plan)
+    snap = stats.snapshot(drain_requests=True)
+    a, b = snap["requests"]
+    assert (a["request_id"], b["request_id"]) == ("a", "b")
+    assert a["kept_per_layer"] == keeps[:, :4].sum(1).tolist()
+    assert b["skipped_per_layer"] == (5 - keeps[:, 4:].sum(1)).tolist()
+    for layer in range(3):
+        assert a["kept_per_layer"][layer] + b["kept_per_layer"][layer] == \
+            snap["kept_per_layer"][layer]
+    assert a["token_sparsity"] == pytest.approx(1 - keeps[:, :4].mean())

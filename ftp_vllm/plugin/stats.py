@@ -64,9 +64,11 @@ class RoutingStats:
         self.dense_flops += float(dense_req.sum())
         self.routed_flops += float(routed_req.sum())
         self.metadata_builds += plan.builds
+        kept_layer_req = np.add.reduceat(keeps, starts, axis=1)  # [L, Rr]
         for i, r in enumerate(plan.routed_req):
             rid = plan.req_ids[r] if plan.req_ids is not None else None
             pairs = int(lengths[i]) * num_layers
+            kept_layers = kept_layer_req[:, i]
             self.requests.append(
                 {
                     "request_id": rid,
@@ -74,6 +76,8 @@ class RoutingStats:
                     "target_sparsity": float(plan.routed_target[i]),
                     "token_sparsity": 1.0 - float(kept_req[i]) / pairs,
                     "flop_speedup": float(dense_req[i] / routed_req[i]),
+                    "kept_per_layer": kept_layers.tolist(),
+                    "skipped_per_layer": (int(lengths[i]) - kept_layers).tolist(),
                 }
             )
             if self.record_masks and rid is not None:

@@ -295,11 +295,9 @@ class StatsPoller:
         for layer in range(n):
             skipped = snap["skipped_per_layer"][layer] - last["skipped_per_layer"][layer]
             kept = snap["kept_per_layer"][layer] - last["kept_per_layer"][layer]
-            for r in own:  # per-request per-layer counts, when the plugin reports them
-                if r.get("skipped_per_layer") is not None:
-                    skipped -= r["skipped_per_layer"][layer]
-                if r.get("kept_per_layer") is not None:
-                    kept -= r["kept_per_layer"][layer]
+            for r in own:  # the self-benchmark's own requests stay out of the counters
+                skipped -= r["skipped_per_layer"][layer]
+                kept -= r["kept_per_layer"][layer]
             if skipped > 0:
                 m.skipped.labels(layer=str(layer)).inc(skipped)
             if kept > 0:
