@@ -371,11 +371,16 @@ def test_engine_stats_rpc_without_several_engines():
     assert out == [[{"routed_tokens": 3}, None]] and seen == [("m", 5.0, {"k": 1})]
 
 
-def _routes_client(recent):
+def _routes_client(recent, tmp_path):
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
+    from ftp_vllm.artifact import load_artifact
+    from ftp_vllm.plugin.settings import RoutingSettings
     from ftp_vllm.server.routes import add_routes
+    from tests.tiny_models import make_artifact
+
+    static_artifact = load_artifact(make_artifact(tmp_path / "r", FINGERPRINT, targets=(0.4,)))
 
     class Poller:
         last, last_per_engine = {"routed_tokens": 1, "engines": 1}, {0: {"routed_tokens": 1}}
@@ -387,8 +392,7 @@ def _routes_client(recent):
             pass
 
     class FTP:
-        routing = S.Routing(enabled=True, router=None, kind="static", source="test",
-                            sparsity=0.3, max_sparsity=0.4)
+        routing = S.Routing(RoutingSettings(Path("r"), 0.3, static_artifact), source="test")
         poller, last_bench, args = Poller(), None, None
 
     app = FastAPI()
@@ -401,10 +405,10 @@ def _routes_client(recent):
     return TestClient(app)
 
 
-def test_request_lookup_says_not_on_this_replica():
+def test_request_lookup_says_not_on_this_replica(tmp_path):
     import socket
 
-    client = _routes_client({"cmpl-a": [rec("cmpl-a-0-0123abcd", 5, 0.2, 1.2)]})
+    client = _routes_client({"cmpl-a": [rec("cmpl-a-0-0123abcd", 5, 0.2, 1.2)]}, tmp_path)
     host = socket.gethostname()
     r = client.get("/ftp/requests/cmpl-a")
     assert r.status_code == 200 and r.json()["records"][0]["prompt_tokens"] == 5

@@ -25,8 +25,8 @@ from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from ftp_vllm.artifact import model_fingerprint
 from ftp_vllm.flops import BlockShape
-from ftp_vllm.plugin.config import routing_settings
 from ftp_vllm.plugin.runtime import RoutingRuntime, activate, get_runtime
+from ftp_vllm.plugin.settings import routing_settings
 from ftp_vllm.plugin.vllm_internals import (
     attend,
     init_qwen2_for_causal_lm,

@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ftp_vllm.contract import (
     ARCHITECTURES,
@@ -28,6 +28,9 @@ from ftp_vllm.contract import (
     SPARSITY_KEY,
     STATIC_ARTIFACT,
 )
+
+if TYPE_CHECKING:
+    from ftp_vllm.plugin.settings import RoutingSettings
 
 ENV_ROUTER = "FTP_VLLM_ROUTER"
 ENV_SPARSITY = "FTP_VLLM_SPARSITY"
@@ -40,15 +43,34 @@ class ServeConfigError(ValueError):
 
 @dataclass
 class Routing:
-    """What the server routes with (``enabled`` False: dense/vanilla serving)."""
+    """What the server routes with: the plugin's own ``RoutingSettings`` (None: served dense),
+    plus where they came from and what to say about them at start-up."""
 
-    enabled: bool
-    router: Path | None = None
-    sparsity: float = 0.0  # server default target
-    max_sparsity: float = 0.0  # highest target the artifact allows (0 when off)
-    kind: str | None = None  # artifact router kind
+    settings: RoutingSettings | None = None
     source: str = ""  # where the router came from (flag, env, shipped, hf-overrides)
     notes: list[str] = field(default_factory=list)  # messages to log at start-up
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings is not None
+
+    @property
+    def router(self) -> Path | None:
+        return self.settings.artifact_path if self.settings else None
+
+    @property
+    def sparsity(self) -> float:
+        """The server's default target (0 when routing is off)."""
+        return self.settings.sparsity if self.settings else 0.0
+
+    @property
+    def max_sparsity(self) -> float:
+        """The highest per-request target allowed (0 when routing is off)."""
+        return self.settings.max_sparsity if self.settings else 0.0
+
+    @property
+    def kind(self) -> str | None:
+        return self.settings.artifact.kind if self.settings else None
 
     def describe(self) -> str:
         if not self.enabled:
@@ -104,6 +126,7 @@ def resolve_routing(
     """(routing, hf_overrides to pass to vLLM). Raises ServeConfigError with the fix."""
     from ftp_vllm.artifact import load_artifact
     from ftp_vllm.plugin import routing_overrides
+    from ftp_vllm.plugin.settings import RoutingSettings
 
     env = os.environ if env is None else env
     overrides = dict(hf_overrides) if hf_overrides else None
@@ -117,7 +140,7 @@ def resolve_routing(
             raise ServeConfigError(
                 "--no-routing conflicts with --hf-overrides naming a routed architecture "
                 f"{archs}")
-        return Routing(enabled=False, source="--no-routing"), overrides
+        return Routing(source="--no-routing"), overrides
 
     if user_routed:
         if router is not None or sparsity is not None:
@@ -129,8 +152,7 @@ def resolve_routing(
             raise ServeConfigError(f"--hf-overrides names {archs} but no {ROUTER_KEY!r}")
         art = load_artifact(path)
         value = art.schedule.validate(overrides.get(SPARSITY_KEY, 0.0))
-        return Routing(True, Path(path), value, art.schedule.max_target, art.kind,
-                       "--hf-overrides"), overrides
+        return Routing(RoutingSettings(Path(path), value, art), "--hf-overrides"), overrides
 
     notes: list[str] = []
     if router is not None:
@@ -146,7 +168,7 @@ def resolve_routing(
             f"no router artifact given for this model (--router or {ENV_ROUTER}): the model is "
             "served dense")
     if path is None:  # the caller logs the notes (once)
-        return Routing(enabled=False, source="no artifact", notes=notes), overrides
+        return Routing(source="no artifact", notes=notes), overrides
 
     art = load_artifact(path)  # ArtifactError names the file and the fix
     explicit = True
@@ -166,5 +188,4 @@ def resolve_routing(
         value = max_s
     routed = routing_overrides(path, value, artifact=art)
     merged = {**(overrides or {}), **routed}
-    return Routing(True, Path(routed[ROUTER_KEY]), value, max_s, art.kind, source,
-                   notes), merged
+    return Routing(RoutingSettings(Path(routed[ROUTER_KEY]), value, art), source, notes), merged
