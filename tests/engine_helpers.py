@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from ftp_vllm.plugin.offline import shutdown_engine
@@ -124,14 +123,6 @@ def check_against_reference(
     return (own.keep == mask).float().mean().item()
 
 
-def smollm2_dir() -> Path:
-    """The prepared SmolLM2 folder (`ftp-vllm model prepare`), or skip."""
-    from ftp_vllm.model.prepare import default_model_dir, read_marker
-
-    path = default_model_dir()
-    if not (path / "config.json").exists() or read_marker(path) is None:
-        pytest.skip("SmolLM2 is not prepared (run `ftp-vllm model prepare`)")
-    return path
 
 
 # ---------------------------------------------------------------------- bf16 parity suite

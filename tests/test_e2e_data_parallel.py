@@ -10,33 +10,24 @@ two engines on the CPU and checks that the metrics and the id lookup cover both.
 from __future__ import annotations
 
 import concurrent.futures
-from pathlib import Path
 
 import pytest
 
 from ftp_vllm.server.client import http_json, metric_sum, metric_value, scrape
 from ftp_vllm.server.process import ServerProcess
-from tests.tiny_models import make_router, make_tiny_chat_model
+from tests.tiny_models import make_router, make_tiny_chat_model, prepared_default_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 REQUESTS = 12
 
 
-def _tokenizer_dir() -> Path:
-    from ftp_vllm.model import default_model_dir, is_prepared
-
-    path = default_model_dir()
-    if not is_prepared(path):
-        pytest.skip("the default model is not prepared (`ftp-vllm model prepare`): its "
-                    "tokenizer is needed")
-    return path
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("ftp-dp")
-    model = make_tiny_chat_model(work / "tiny", _tokenizer_dir())
+    model = make_tiny_chat_model(work / "tiny", prepared_default_model())
     router = make_router(model, work / "router", kind="mlp", targets=(0.2, 0.4))
     srv = ServerProcess(
         [str(model), "--router", str(router), "--sparsity", "0.3", "--dtype", "float32",

@@ -30,7 +30,11 @@ openai = pytest.importorskip("openai")
 from ftp_vllm.plugin.offline import shutdown_engine  # noqa: E402
 from ftp_vllm.server.client import HOST, free_port, http_json, metric_sum, metric_value, scrape  # noqa: E402
 from ftp_vllm.server.process import ServerProcess  # noqa: E402
-from tests.tiny_models import make_router, make_tiny_chat_model  # noqa: E402
+from tests.tiny_models import (  # noqa: E402
+    make_router,
+    make_tiny_chat_model,
+    prepared_default_model,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -50,14 +54,6 @@ CHATS = [
 ]
 
 
-def _tokenizer_dir() -> Path:
-    from ftp_vllm.model import default_model_dir, is_prepared
-
-    path = default_model_dir()
-    if not is_prepared(path):
-        pytest.skip("the default model is not prepared (`ftp-vllm model prepare`): its "
-                    "tokenizer and chat template are needed")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +65,7 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def model_dir(workdir):
-    return make_tiny_chat_model(workdir / "tiny-chat", _tokenizer_dir())
+    return make_tiny_chat_model(workdir / "tiny-chat", prepared_default_model())
 
 
 @pytest.fixture(scope="module")

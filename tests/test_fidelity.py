@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from ftp_vllm.eval.fidelity import (
 from ftp_vllm.eval.methods import build_method
 from ftp_vllm.reference import greedy_generate
 from ftp_vllm.routing.router import StaticRouter
-from tests.tiny_models import tiny_model
+from tests.tiny_models import prepared_default_model, tiny_model
 
 NEW_TOKENS = 8
 
@@ -147,14 +146,6 @@ def test_heldout_passages_are_not_calibration_text(calibration_grams):
         assert not (_shingles(p) & calibration_grams), p[:80]
 
 
-def _smollm2_dir() -> Path:
-    from ftp_vllm.model import default_model_dir, is_prepared
-
-    path = default_model_dir()
-    if not is_prepared(path):
-        pytest.skip("SmolLM2 not prepared (its tokenizer builds the prompts): "
-                    "run `ftp-vllm model prepare`")
-    return path
 
 
 def test_prompts_fill_buckets_deterministically_without_calibration_text(calibration_grams):
@@ -163,7 +154,7 @@ def test_prompts_fill_buckets_deterministically_without_calibration_text(calibra
     from ftp_vllm.data import lambada_passages
     from ftp_vllm.eval.heldout import INSTRUCTION, build_prompts
 
-    tok = AutoTokenizer.from_pretrained(str(_smollm2_dir()))
+    tok = AutoTokenizer.from_pretrained(str(prepared_default_model()))
     prompts = build_prompts(tok, [64, 256, 1024], 3, seed=0)
     assert [p.bucket for p in prompts] == [64] * 3 + [256] * 3 + [1024] * 3
     for p in prompts:
@@ -191,7 +182,7 @@ def test_command_writes_results_that_the_report_renders(tmp_path, monkeypatch):
     from ftp_vllm.report import render
     from tests.tiny_models import make_router, make_tiny_chat_model
 
-    model_dir = make_tiny_chat_model(tmp_path / "tiny-chat", _smollm2_dir())
+    model_dir = make_tiny_chat_model(tmp_path / "tiny-chat", prepared_default_model())
     router = make_router(model_dir, tmp_path / "router", kind="mlp")
     monkeypatch.chdir(tmp_path)
     rc = main(["fidelity", "--model", str(model_dir), "--router", str(router),

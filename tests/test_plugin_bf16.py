@@ -29,10 +29,9 @@ from tests.engine_helpers import (  # noqa: E402
     engine_kwargs,
     random_prompt,
     shutdown,
-    smollm2_dir,
     vanilla_results,
 )
-from tests.tiny_models import make_artifact  # noqa: E402
+from tests.tiny_models import make_artifact, prepared_default_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -69,7 +68,7 @@ def setup(request, tmp_path_factory):
         art = make_artifact(tmp_path_factory.mktemp("art") / "mlp", fp, kind="mlp")
         prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 97, 150)]
     else:
-        model_dir = smollm2_dir()
+        model_dir = prepared_default_model()
         _, hf_model = folder_fingerprint(model_dir)
         art = DEFAULT_ARTIFACT  # the shipped trained MLP router
         prompts = text_prompts(model_dir)

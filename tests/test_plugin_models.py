@@ -22,9 +22,8 @@ from tests.engine_helpers import (  # noqa: E402
     random_prompt,
     run,
     shutdown,
-    smollm2_dir,
 )
-from tests.tiny_models import make_artifact  # noqa: E402
+from tests.tiny_models import make_artifact, prepared_default_model  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -39,7 +38,7 @@ def setup(request, tmp_path_factory):
         model_dir = request.getfixturevalue("tiny_qwen2_dir")
         vocab, lengths, tol = 256, (2, 19, 45, 120), (2e-4, 0.0)
     else:
-        model_dir = smollm2_dir()
+        model_dir = prepared_default_model()
         # 30 layers of float noise on logprobs down to -180 (random tokens): relative 1e-4
         vocab, lengths, tol = 49152, (5, 33, 70), (1e-3, 1e-4)
     fp, hf_model = folder_fingerprint(model_dir)

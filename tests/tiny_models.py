@@ -36,6 +36,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "special_tokens_map.json")
 
 
+def prepared_default_model() -> Path:
+    """The prepared SmolLM2-135M-Instruct folder (`ftp-vllm model prepare`; `make test` does
+    it), or skip: its weights, tokenizer and chat template are what these tests use."""
+    import pytest
+
+    from ftp_vllm.model import default_model_dir, is_prepared
+
+    path = default_model_dir()
+    if not is_prepared(path):
+        pytest.skip("SmolLM2-135M-Instruct is not prepared: run `ftp-vllm model prepare`")
+    return path
+
+
 def with_random_norms(model: Any) -> Any:
     """A freshly initialised model (all-ones norms) made fp32, eval, with perturbed norm
     weights, so fingerprints and routed math see real values."""
