@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -282,7 +283,10 @@ def test_client_disconnect_mid_stream_aborts_the_request(server, client, offline
     got = b""
     while got.count(b"data:") < 3:
         got += r.read1(4096)
-    conn.sock.close()  # the client goes away mid-stream
+    # The client goes away mid-stream. shutdown() ends the TCP connection now: close() alone
+    # leaves it open while the response object still holds the socket's file.
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    r.close()
     conn.close()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
