@@ -542,3 +542,20 @@ def test_served_model_id_is_the_folder_name_unless_given(tmp_path, monkeypatch):
     assert args.served_model_name == ["a", "b"]
     args, _ = prepare_args(["org/not-a-local-folder", "--no-routing"])  # a hub id: vLLM's own
     assert not args.served_model_name
+
+
+def test_serve_refuses_what_routing_cannot_serve_before_the_engine_starts(tmp_path, artifact,
+                                                                           monkeypatch):
+    """The plugin's refusal table, applied to the command line: one clear error per flag
+    (no engine start, no traceback); routing off leaves the flags to vLLM."""
+    pytest.importorskip("vllm")
+    from ftp_vllm.server.app import prepare_args
+
+    monkeypatch.delenv(S.ENV_ROUTER, raising=False)
+    model = tmp_path / "m"
+    with pytest.raises(S.ServeConfigError, match="pipeline-parallel-size") as info:
+        prepare_args([str(model), "--router", str(artifact), "--pipeline-parallel-size", "2",
+                      "--kv-cache-dtype", "fp8"])
+    assert "kv-cache-dtype" in str(info.value)
+    args, routing = prepare_args([str(model), "--no-routing", "--pipeline-parallel-size", "2"])
+    assert not routing.enabled and args.pipeline_parallel_size == 2

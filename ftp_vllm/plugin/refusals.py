@@ -156,8 +156,9 @@ def check_config(vllm_config: Any) -> None:
         raise ValueError("\n".join(r.describe(value) for r, value in broken))
 
 
-def parse_engine_args(argv: Sequence[str]) -> Any:
-    """vLLM's EngineArgs from a serve command line (other flags, e.g. --port, are ignored)."""
+def parse_engine_namespace(argv: Sequence[str]) -> Any:
+    """vLLM's engine-argument namespace of a serve command line, parsed by vLLM's own parser
+    (other flags, e.g. --port, are ignored; nothing is resolved or downloaded)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -166,18 +167,31 @@ def parse_engine_args(argv: Sequence[str]) -> Any:
         namespace, _ = parser.parse_known_args(list(argv))
     except (Exception, SystemExit) as e:  # argparse reports bad values by exiting
         raise ValueError(f"cannot parse vLLM engine arguments {list(argv)}: {e}") from None
-    return EngineArgs.from_cli_args(namespace)
+    return namespace
+
+
+def parse_engine_args(argv: Sequence[str]) -> Any:
+    """vLLM's EngineArgs from a serve command line (resolves the model: tests build real
+    VllmConfigs from it)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs.from_cli_args(parse_engine_namespace(argv))
+
+
+def refusals_for_namespace(namespace: Any) -> list[tuple[Refusal, Any]]:
+    """The rules parsed engine arguments break (with routing on), each with its value: an
+    argparse namespace of vLLM's engine flags (``ftp-vllm serve``'s own parsed args too)."""
+    out = []
+    for rule in REFUSALS:
+        value = getattr(namespace, rule.engine_arg)
+        if rule.refused(value):
+            out.append((rule, value))
+    return out
 
 
 def refusals_for_args(argv: Sequence[str]) -> list[tuple[Refusal, Any]]:
     """The rules a serve command line breaks (with routing on), each with its value."""
-    engine_args = parse_engine_args(argv)
-    out = []
-    for rule in REFUSALS:
-        value = getattr(engine_args, rule.engine_arg)
-        if rule.refused(value):
-            out.append((rule, value))
-    return out
+    return refusals_for_namespace(parse_engine_namespace(argv))
 
 
 def refused_flags(argv: Sequence[str]) -> list[str]:
@@ -187,5 +201,6 @@ def refused_flags(argv: Sequence[str]) -> list[str]:
 
 __all__ = [
     "PLAIN_KV_CACHE_DTYPES", "REFUSALS", "Refusal", "check_config", "parse_engine_args",
-    "refusals_for_args", "refusals_for_config", "refused_flags",
+    "parse_engine_namespace",
+    "refusals_for_args", "refusals_for_config", "refusals_for_namespace", "refused_flags",
 ]

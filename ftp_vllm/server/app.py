@@ -113,6 +113,12 @@ def prepare_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Routing]:
             raise ServeConfigError(f"--{name.replace('_', '-')} must be at least {low}")
     if args.stats_interval <= 0:
         raise ServeConfigError("--stats-interval must be positive")
+    if routing.enabled:  # the plugin's own refusals, said now in one line each, not mid-start
+        from ftp_vllm.plugin.refusals import refusals_for_namespace
+
+        broken = refusals_for_namespace(args)
+        if broken:
+            raise ServeConfigError("\n".join(rule.describe(value) for rule, value in broken))
     return args, routing
 
 
