@@ -453,7 +453,7 @@ below it are rounding, not routing.
 <!-- BEGIN GENERATED: bench -->
 <!-- END GENERATED: bench -->
 
-## Serving benchmark (`vllm bench serve`, routed vs dense server)
+## Serving benchmark (`ftp-vllm serve-bench`: routed vs plain vLLM)
 
 <!-- BEGIN GENERATED: serve-bench -->
 <!-- END GENERATED: serve-bench -->
