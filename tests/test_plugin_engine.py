@@ -15,7 +15,7 @@ pytest.importorskip("vllm")
 
 from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
-from tests.engine_helpers import (  # noqa: E402  # noqa: E402, F401  (names other engine tests import)
+from tests.engine_helpers import (  # noqa: E402
     check_against_reference,
     engine_kwargs,
     masks_by_request,

@@ -42,8 +42,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,20 +363,6 @@ def bench_on_server(base_url: str, ctx: Context, workloads: list[Workload], mode
     return runs
 
 
-@contextmanager
-def started(args: list[str], log: Path, timeout: float) -> Iterator[Any]:
-    """One server process for the block, always stopped after it, also when it fails to
-    start (its log then says why)."""
-    from ftp_vllm.server.process import ServerProcess
-
-    srv = ServerProcess(args, log)
-    try:
-        srv.start(timeout)
-        yield srv
-    finally:
-        srv.stop()
-
-
 # --------------------------------------------------------------------------- server queries
 def _routing_info(base_url: str) -> dict[str, Any]:
     from ftp_vllm.server.client import http_json
@@ -454,6 +439,7 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
                   record: dict[str, Any]) -> None:
     """Start each server in turn (rotated order per round), measure, stop."""
     from ftp_vllm.model import ensure_model
+    from ftp_vllm.server.process import ServerProcess
 
     model = opts.model or str(ensure_model())
     selected = opts.servers or [ROUTED, VANILLA_SAME_MODE, VANILLA_DEFAULT]
@@ -492,7 +478,7 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
     if VANILLA_SAME_MODE in by_name and ROUTED not in by_name:
         # the baseline follows the routed engine: start one just to read what it runs
         probe_args = plan_servers([ROUTED], model, opts)[0].args
-        with started(probe_args, logs / "routed-probe.log", opts.timeout) as srv:
+        with ServerProcess(probe_args, logs / "routed-probe.log").start(opts.timeout) as srv:
             learn_execution(srv)
 
     orders = round_orders([s.name for s in servers], opts.rounds)
@@ -508,7 +494,7 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
             log = logs / f"{name}-round{rnd}.log"
             print(f"[serve-bench] round {rnd}: starting {name}: "
                   f"{shlex.join(['python', '-m', 'ftp_vllm.server', *s.args])}", flush=True)
-            with started(s.args, log, opts.timeout) as srv:
+            with ServerProcess(s.args, log).start(opts.timeout) as srv:
                 target = None
                 if name == ROUTED:
                     learn_execution(srv)

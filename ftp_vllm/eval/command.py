@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from ftp_vllm.data import calibration_passages, load_task
     from ftp_vllm.data.tasks import task_spec
     from ftp_vllm.eval.harness import HFEncoder, evaluate_task, perplexity
-    from ftp_vllm.eval.methods import build_method
+    from ftp_vllm.eval.methods import build_method, tune_calibration
     from ftp_vllm.eval.scoring import ScoreStats
     from ftp_vllm.model import MODEL_NAME, ensure_model, load_model
 
@@ -152,14 +152,10 @@ def run(args: argparse.Namespace) -> int:
     path = ensure_model(args.model)
     model, tokenizer = load_model(path, dtype=torch.float32)
     encoder = HFEncoder(tokenizer)
-
-    def calibration() -> list[list[int]]:
-        passages = calibration_passages("tune", limit=args.calibration_passages, seed=0)
-        return [[encoder.prefix_token_id, *encoder.encode(p)] for p in passages]
-
     setup = build_method(args.method, model, args.sparsity, artifact=args.router,
                          schedule=args.schedule, seed=args.seed,
-                         batch_tokens=args.batch_tokens, calibration=calibration)
+                         batch_tokens=args.batch_tokens,
+                         calibration=tune_calibration(tokenizer, args.calibration_passages))
     scorer = setup.scorer
     if args.engine == "vllm":
         scorer = _vllm_scorer(args, path, setup.info)

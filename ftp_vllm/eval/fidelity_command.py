@@ -141,12 +141,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ftp_vllm.data import calibration_passages
     from ftp_vllm.eval.command import git_state
     from ftp_vllm.eval.fidelity import dense_reference, measure, summarize
-    from ftp_vllm.eval.harness import HFEncoder
     from ftp_vllm.eval.heldout import INSTRUCTION, SOURCE, build_prompts
-    from ftp_vllm.eval.methods import build_method
+    from ftp_vllm.eval.methods import build_method, tune_calibration
     from ftp_vllm.model import MODEL_NAME, ensure_model, load_model
 
     configs = configurations(args)
@@ -185,11 +183,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"noise floor: KL {fo['kl_mean']:.4f}, top-1 {fo['top1_agreement']:.3f}, "
           f"matching {fo['match_mean']:.1f} of {fo['dense_tokens_mean']:.1f} tokens", flush=True)
 
-    encoder = HFEncoder(tokenizer)
-
-    def calibration() -> list[list[int]]:
-        passages = calibration_passages("tune", limit=args.calibration_passages, seed=0)
-        return [[encoder.prefix_token_id, *encoder.encode(p)] for p in passages]
+    calibration = tune_calibration(tokenizer, args.calibration_passages)
 
     prompt_info = {
         "source": SOURCE, "instruction": INSTRUCTION, "lengths": list(args.lengths),

@@ -50,6 +50,21 @@ class MethodSetup:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def tune_calibration(tokenizer: Any, limit: int) -> Callable[[], list[list[int]]]:
+    """ShortGPT's calibration text for ``build_method``: `limit` passages of the LAMBADA "tune"
+    split, tokenised as the harness does, read only when a method asks for them."""
+
+    def calibration() -> list[list[int]]:
+        from ftp_vllm.data import calibration_passages
+        from ftp_vllm.eval.harness import HFEncoder
+
+        encoder = HFEncoder(tokenizer)
+        passages = calibration_passages("tune", limit=limit, seed=0)
+        return [[encoder.prefix_token_id, *encoder.encode(p)] for p in passages]
+
+    return calibration
+
+
 def build_method(
     method: str,
     model: nn.Module,

@@ -156,7 +156,7 @@ class RoutingRuntime:
             self._engine_builder = builder
 
     def on_prepare_inputs(self, runner: Any) -> None:
-        batch = batch_requests(runner, known=set(self._req_cache))
+        batch = batch_requests(runner, known=self._req_cache)
         cache = {}
         sparsity = np.empty(len(batch.req_ids), dtype=np.float64)
         for i, (rid, extra) in enumerate(zip(batch.req_ids, batch.extra_args, strict=True)):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,7 +129,7 @@ class BatchRequests:
     extra_args: list[dict[str, Any] | None]  # each request's SamplingParams.extra_args
 
 
-def batch_requests(runner: Any, known: set[str] = frozenset()) -> BatchRequests:
+def batch_requests(runner: Any, known: Container[str] = ()) -> BatchRequests:
     """Read the step's requests from the runner (``extra_args`` only for ids not in
     ``known``: the caller caches what it parsed)."""
     batch = runner.input_batch

@@ -290,10 +290,10 @@ class FTPServer:
                                       interval=self.args.stats_interval)
             app.user_middleware.append(Middleware(MetricsRefreshMiddleware,
                                                   poller=self.poller))
+        add_routes(app, self)  # and the X-FTP-Replica header middleware
         # vLLM's SageMaker bootstrap builds the middleware stack eagerly: build it again.
         if getattr(app, "middleware_stack", None) is not None:
             app.middleware_stack = app.build_middleware_stack()
-        add_routes(app, self)
         if self.poller is None:
             return
         try:

@@ -48,10 +48,20 @@ class ServerProcess:
         return [sys.executable, "-m", "ftp_vllm.server", *self.args]
 
     def start(self, timeout: float = 600.0) -> ServerProcess:
+        """Start and wait for ``/health``; a server that exits, times out or is interrupted
+        while starting is stopped before the error goes up (its log says why)."""
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log,
             stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True)
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -59,11 +69,10 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
                     if r.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(1.0)
-        self.stop()
         raise TimeoutError(f"server not healthy after {timeout:.0f} s:\n{self.tail()}")
 
     def alive(self) -> bool:
@@ -89,7 +98,7 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
-        # `with ServerProcess(...).start(t) as srv` must not start a second process.
+        # `with ServerProcess(...).start(t) as srv`: started already, not a second process.
         return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -98,9 +98,8 @@ def add_routes(app: FastAPI, ftp: Any) -> None:
 
     routing = ftp.routing
     replica = replica_name()
+    # The caller (FTPServer.attach) rebuilds a middleware stack vLLM built already.
     app.user_middleware.append(Middleware(ReplicaHeaderMiddleware, replica=replica))
-    if getattr(app, "middleware_stack", None) is not None:  # built already: build it again
-        app.middleware_stack = app.build_middleware_stack()
 
     @app.get("/ftp/stats")
     async def ftp_stats() -> JSONResponse:
