@@ -1,6 +1,7 @@
 """The router artifact: one small folder that says how to route one specific model.
 
-    router.json         format, version, router kind, schedules, model fingerprint, provenance
+    router.json         format, version, router kind, routing mode, schedules, model
+                        fingerprint, provenance
     router.safetensors  MLP weights (absent for the static router)
 
 Loading checks everything a wrong file could get wrong and names the file and the fix.
@@ -67,11 +68,13 @@ def folder_fingerprint(model_dir: str | Path) -> tuple[dict[str, Any], Any]:
 
 def uniform_artifact(path: str | Path, fingerprint: dict[str, Any], router: TokenRouter,
                      kind: str, targets: tuple[float, ...],
-                     provenance: dict[str, Any] | None = None) -> Path:
+                     provenance: dict[str, Any] | None = None,
+                     window: int | None = None) -> Path:
     """Save an artifact whose schedules spread each target evenly over the blocks (the
     benchmarks' static router for a model with no shipped artifact; the tests' routers)."""
     schedule = SparsitySchedule.uniform(list(targets), int(fingerprint["num_hidden_layers"]))
-    return RouterArtifact(kind, schedule, dict(fingerprint), router, provenance or {}).save(path)
+    return RouterArtifact(kind, schedule, dict(fingerprint), router, provenance or {},
+                          window).save(path)
 
 
 @dataclass
@@ -81,10 +84,17 @@ class RouterArtifact:
     fingerprint: dict[str, Any]
     router: TokenRouter
     provenance: dict[str, Any] = field(default_factory=dict)
+    window: int | None = None  # window routing over aligned windows of this many tokens
 
     @property
     def num_layers(self) -> int:
         return self.schedule.num_layers
+
+    @property
+    def mode(self) -> str:
+        """``window`` (causal per aligned window: composes with prefix caching and chunked
+        prefill) or ``exact`` (FTP as published: decisions depend on the whole prompt)."""
+        return "window" if self.window else "exact"
 
     def save(self, path: Path | str) -> Path:
         path = Path(path)
@@ -93,6 +103,7 @@ class RouterArtifact:
             "format": FORMAT,
             "version": VERSION,
             "router": {"kind": self.kind},
+            "routing": {"mode": self.mode, **({"window": self.window} if self.window else {})},
             "schedules": self.schedule.to_dict(),
             "model": self.fingerprint,
             "provenance": self.provenance,
@@ -149,6 +160,7 @@ def load_artifact(path: Path | str) -> RouterArtifact:
         schedules = {float(t): v for t, v in meta["schedules"].items()}
         num_layers = int(fingerprint["num_hidden_layers"])
         schedule = SparsitySchedule(schedules, num_layers)
+        window = _routing_window(meta.get("routing", {"mode": "exact"}))
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(cfg_path, f"malformed contents ({type(e).__name__}: {e})") from None
     if kind == "static":
@@ -168,8 +180,22 @@ def load_artifact(path: Path | str) -> RouterArtifact:
         raise ArtifactError(cfg_path, f"unknown router kind {kind!r} (expected 'mlp' or 'static')")
     return RouterArtifact(
         kind=kind, schedule=schedule, fingerprint=fingerprint, router=router,
-        provenance=dict(meta.get("provenance", {})),
+        provenance=dict(meta.get("provenance", {})), window=window,
     )
+
+
+def _routing_window(routing: Any) -> int | None:
+    """The window of a ``routing`` entry: None for exact mode (also when the entry is absent:
+    artifacts older than window routing are exact)."""
+    mode = routing["mode"]
+    if mode == "exact":
+        return None
+    if mode != "window":
+        raise ValueError(f"unknown routing mode {mode!r} (expected 'window' or 'exact')")
+    window = routing["window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"routing window must be a positive number of tokens, got {window!r}")
+    return window
 
 
 def _get(meta: Any, key: str) -> Any:

@@ -87,13 +87,16 @@ def validate_sparsity(value: Any, max_sparsity: float) -> float:
 
 
 def request_sparsity(extra_args: Mapping[str, Any] | None, max_sparsity: float,
-                     default: float) -> float:
+                     default: float, prompt_logprobs: bool = False) -> float:
     """A request's target from its extra arguments (``vllm_xargs`` / ``extra_args``).
 
-    Absent key -> ``default``; otherwise ``validate_sparsity`` (ValueError if refused).
+    Absent key -> ``default``, or 0 (dense) for a request that asks for prompt
+    log-probabilities (``prompt_logprobs``, ``echo`` with ``logprobs``): a skipped token's
+    prompt log-probability comes from a partly processed state, so only a request that sets
+    its own target gets one. Otherwise ``validate_sparsity`` (ValueError if refused).
     """
     if not extra_args or SPARSITY_KEY not in extra_args:
-        return float(default)
+        return 0.0 if prompt_logprobs else float(default)
     return validate_sparsity(extra_args[SPARSITY_KEY], max_sparsity)
 
 

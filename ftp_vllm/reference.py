@@ -65,6 +65,7 @@ def routed_forward(
     routed_lengths: Sequence[int] | None = None,
     gate: GateFn | None = None,
     logits_at: Tensor | None = None,
+    window: int | None = None,
 ) -> RoutedOutput:
     """Forward of flattened sequences with per-token, per-block skip decisions.
 
@@ -74,6 +75,8 @@ def routed_forward(
     only; soft gates g in [0, 1] per routed token replace the hard decision, h + g * delta.
     logits_at: flattened indices of the tokens whose logits are wanted (default: all); the
     LM head is a fifth of this model's work, so scoring a few positions saves much.
+    window: ``window`` routing (docs/ROUTER.md): decisions within aligned windows of this many
+    prompt tokens; None: ``exact`` routing over each whole prompt.
     """
     inner = model.model
     cfg = model.config
@@ -84,7 +87,10 @@ def routed_forward(
     routed_lengths = list(routed_lengths) if routed_lengths is not None else lengths
     if any(r > n or r < 1 for r, n in zip(routed_lengths, lengths, strict=True)):
         raise ValueError(f"routed lengths {routed_lengths} must lie in [1, {lengths}]")
-    layout = TokenLayout.from_lengths(routed_lengths, device=input_ids.device)
+    if window:
+        layout = TokenLayout.windows(routed_lengths, window, device=input_ids.device)
+    else:
+        layout = TokenLayout.from_lengths(routed_lengths, device=input_ids.device)
     limit = torch.as_tensor(routed_lengths, device=input_ids.device)[full.seq_ids]
     routed_idx = (full.positions < limit).nonzero().squeeze(1)
     router = router or DenseRouter()
@@ -108,7 +114,7 @@ def routed_forward(
         inputs = RouterInputs(
             layer=i,
             layout=layout,
-            block_sparsity=targets[layout.seq_ids, i],
+            block_sparsity=targets[full.seq_ids[routed_idx], i],
             scores=attention_scores(q[routed_idx], k[routed_idx], layout, attn.scaling)
             if (router.needs_scores or gate is not None)
             else None,
@@ -159,6 +165,7 @@ def greedy_generate(
     router: TokenRouter | None = None,
     schedule_blocks: Tensor | None = None,
     eos_token_id: int | None = None,
+    window: int | None = None,
 ) -> GenerationResult:
     """Greedy decoding without a KV cache: every step recomputes the whole sequence.
 
@@ -173,7 +180,8 @@ def greedy_generate(
     first: RoutedOutput | None = None
     for _ in range(max_new_tokens):
         out = routed_forward(
-            model, ids, [ids.numel()], router, schedule_blocks, routed_lengths=[n_prompt]
+            model, ids, [ids.numel()], router, schedule_blocks, routed_lengths=[n_prompt],
+            window=window,
         )
         first = first or out
         nxt = int(out.logits[-1].argmax())
@@ -182,7 +190,7 @@ def greedy_generate(
             break
         ids = torch.cat([ids, ids.new_tensor([nxt])])
     if first is None:
-        first = routed_forward(model, ids, [n_prompt], router, schedule_blocks)
+        first = routed_forward(model, ids, [n_prompt], router, schedule_blocks, window=window)
     return GenerationResult(
         tokens=generated, keep=first.keep, prompt_logits=first.logits[:n_prompt]
     )

@@ -114,11 +114,14 @@ def scored_mlp_router(seed: int = 0, bias: float = -0.5) -> MLPRouter:
 
 
 def make_artifact(path: str | Path, fingerprint: dict[str, Any], kind: str = "static",
-                  targets: tuple[float, ...] = (0.2, 0.4), router: Any = None) -> Path:
-    """A uniform-schedule artifact: static router, or `router` / a scored random MLP."""
+                  targets: tuple[float, ...] = (0.2, 0.4), router: Any = None,
+                  window: int | None = None) -> Path:
+    """A uniform-schedule artifact: static router, or `router` / a scored random MLP;
+    window routing over `window`-token windows, else exact."""
     if router is None:
         router = StaticRouter() if kind == "static" else scored_mlp_router()
-    return uniform_artifact(path, fingerprint, router, kind, targets, {"made_by": "tests"})
+    return uniform_artifact(path, fingerprint, router, kind, targets, {"made_by": "tests"},
+                            window)
 
 
 def make_router(model_dir: Path, path: Path, kind: str = "mlp",

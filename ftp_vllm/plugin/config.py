@@ -5,7 +5,9 @@ it builds the VllmConfig, before the platform hook and before any worker starts.
 plugin checks the routing options (a bad artifact or sparsity fails engine creation with the
 reason), refuses what routed layers cannot serve (the table in ``refusals.py``: pipeline and
 context parallelism, KV connectors and offloading, quantized KV caches) and switches off what
-routed prefill cannot serve consistently, saying why.
+routed prefill cannot serve consistently, saying why. ``window`` routing artifacts keep
+vLLM's chunked prefill, prefix caching and token budget (the window scheduler,
+``scheduler.py``, aligns chunks and cache hits); ``exact`` ones switch the first two off.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ftp_vllm.plugin.settings import routing_settings
 logger = init_logger("vllm.ftp_vllm")  # a child of vLLM's logger: same handlers
 
 WORKER_EXTENSION = "ftp_vllm.plugin.worker.FTPWorkerExtension"
+WINDOW_SCHEDULER = "ftp_vllm.plugin.scheduler.WindowScheduler"
 
 
 def _use_v1_model_runner() -> None:
@@ -54,28 +57,10 @@ class FTPRoutingConfig:
             settings.artifact.schedule.max_target,
         )
         check_config(vllm_config)  # refusals (ftp_vllm.plugin.refusals): fail before changes
-        sched = vllm_config.scheduler_config
-        cache = vllm_config.cache_config
-        if sched.enable_chunked_prefill:
-            logger.warning(
-                "FTP routing: chunked prefill switched off. Routing decisions depend on the "
-                "whole prompt (its last token's query, score ranks, length-normalised "
-                "positions), so a chunk cannot be routed as the full prompt would be."
-            )
-            sched.enable_chunked_prefill = False
-        if sched.max_num_batched_tokens < model_config.max_model_len:
-            logger.warning(
-                "FTP routing: max_num_batched_tokens raised from %d to max_model_len=%d so "
-                "that any prompt fits one step without chunking.",
-                sched.max_num_batched_tokens, model_config.max_model_len,
-            )
-            sched.max_num_batched_tokens = model_config.max_model_len
-        if cache.enable_prefix_caching:
-            logger.warning(
-                "FTP routing: prefix caching switched off. A cached prefix holds K/V computed "
-                "under another prompt's routing decisions, which differ from this prompt's."
-            )
-            cache.enable_prefix_caching = False
+        if settings.artifact.window:
+            _use_window_scheduler(vllm_config, settings.artifact_path)
+        else:
+            _serve_whole_prompts(vllm_config)
         if not model_config.enforce_eager:
             logger.warning(
                 "FTP routing: the routed model runs eager (enforce_eager=True). Routed "
@@ -93,3 +78,40 @@ class FTPRoutingConfig:
                 "unavailable; read stats with collective_rpc(ftp_vllm.plugin.worker.read_stats)",
                 pc.worker_extension_cls, STATS_METHOD,
             )
+
+
+def _use_window_scheduler(vllm_config: Any, artifact_path: Any) -> None:
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls not in (None, WINDOW_SCHEDULER):
+        raise ValueError(
+            f"FTP window routing ({artifact_path}) schedules with its own scheduler, but "
+            f"scheduler_cls={sched.scheduler_cls!r} is set; drop --scheduler-cls"
+        )
+    sched.scheduler_cls = WINDOW_SCHEDULER
+
+
+def _serve_whole_prompts(vllm_config: Any) -> None:
+    """Exact routing: a routed prompt must be prefilled whole and never reuse cached K/V."""
+    model_config = vllm_config.model_config
+    sched = vllm_config.scheduler_config
+    cache = vllm_config.cache_config
+    if sched.enable_chunked_prefill:
+        logger.warning(
+            "FTP routing: chunked prefill switched off. Exact routing decisions depend on "
+            "the whole prompt (its last token's query, score ranks, length-normalised "
+            "positions), so a chunk cannot be routed as the full prompt would be."
+        )
+        sched.enable_chunked_prefill = False
+    if sched.max_num_batched_tokens < model_config.max_model_len:
+        logger.warning(
+            "FTP routing: max_num_batched_tokens raised from %d to max_model_len=%d so "
+            "that any prompt fits one step without chunking.",
+            sched.max_num_batched_tokens, model_config.max_model_len,
+        )
+        sched.max_num_batched_tokens = model_config.max_model_len
+    if cache.enable_prefix_caching:
+        logger.warning(
+            "FTP routing: prefix caching switched off. A cached prefix holds K/V computed "
+            "under another prompt's routing decisions, which differ from this prompt's."
+        )
+        cache.enable_prefix_caching = False

@@ -156,6 +156,7 @@ class RoutedModelMixin:
             vllm_config=vllm_config,
             tp_size=get_tensor_model_parallel_world_size(),
             backend_name=backend.get_name(),
+            window=settings.artifact.window,
         )
         activate(runtime, backend.get_builder_cls())
 

@@ -2,8 +2,9 @@
 
 One routed model lives in a worker process; ``RoutingRuntime`` is its shared state. Each
 forward step it builds a ``StepPlan`` once (at the first routed layer): which tokens are
-prompt tokens to route (whole prompts: chunked prefill and prefix caching are off for routed
-models), each one's per-block sparsity targets (from its request's own target), and a cache
+prompt tokens to route (``plan.plan_tokens``: whole aligned windows in ``window`` mode, whole
+prompts in ``exact`` mode), each one's per-block sparsity targets (from its request's own
+target), and a cache
 of subset attention metadata keyed by keep mask (``subset.MetadataCache``: layers with equal
 masks share one build where the backend allows it).
 
@@ -57,13 +58,16 @@ def get_runtime() -> RoutingRuntime | None:
     return _RUNTIME
 
 
-def parse_request_sparsity(extra_args: Any, schedule: SparsitySchedule, default: float) -> float:
+def parse_request_sparsity(extra_args: Any, schedule: SparsitySchedule, default: float,
+                           prompt_logprobs: bool = False) -> float:
     """A request's target from ``extra_args['ftp_sparsity']``; ValueError if malformed.
 
-    Absent -> the default; None -> 0 (dense). The rule is ``ftp_vllm.contract``'s, which the
-    server also applies before admitting a request (HTTP 400), so the two cannot disagree.
+    Absent -> the default (0 for a request asking for prompt log-probabilities); None -> 0
+    (dense). The rule is ``ftp_vllm.contract``'s, which the server also applies before
+    admitting a request (HTTP 400) and the window scheduler for its cache keys, so they
+    cannot disagree.
     """
-    return request_sparsity(extra_args, schedule.max_target, default)
+    return request_sparsity(extra_args, schedule.max_target, default, prompt_logprobs)
 
 
 @dataclass
@@ -102,6 +106,10 @@ class StepPlan:
     block_sparsity: Tensor  # [L, Tr] float64
     routed_req: np.ndarray  # [Rr] batch index of each routed request
     routed_target: np.ndarray  # [Rr] mean sparsity target of each routed request
+    routed_lens: np.ndarray  # [Rr] tokens routed for each routed request (back to back)
+    routed_prompt: np.ndarray  # [Rr] prompt length of each routed request
+    prompt_pos: np.ndarray  # [Tr] prompt position of each routed token
+    completing: list[str]  # ids of requests whose prompt ends in this step
     # host arrays over all tokens of the step, for runs of kept tokens
     tok_req: np.ndarray
     tok_pos: np.ndarray
@@ -126,8 +134,10 @@ class RoutingRuntime:
         vllm_config: Any,
         tp_size: int,
         backend_name: str = "",
+        window: int | None = None,
     ):
         self.router = router
+        self.window = window  # window routing over aligned windows; None: exact
         self.schedule = schedule
         self.default_sparsity = float(default_sparsity)
         self.num_layers = num_layers
@@ -159,11 +169,13 @@ class RoutingRuntime:
         batch = batch_requests(runner, known=self._req_cache)
         cache = {}
         sparsity = np.empty(len(batch.req_ids), dtype=np.float64)
-        for i, (rid, extra) in enumerate(zip(batch.req_ids, batch.extra_args, strict=True)):
+        for i, (rid, extra, wants) in enumerate(
+                zip(batch.req_ids, batch.extra_args, batch.prompt_logprobs, strict=True)):
             s = self._req_cache.get(rid)
             if s is None:
                 try:
-                    s = parse_request_sparsity(extra, self.schedule, self.default_sparsity)
+                    s = parse_request_sparsity(extra, self.schedule, self.default_sparsity,
+                                               wants)
                 except ValueError as e:
                     # The server refuses these with HTTP 400; an offline caller gets dense.
                     self._warn_once(f"bad:{rid}", f"request {rid}: {e}; serving it dense")
@@ -216,22 +228,43 @@ class RoutingRuntime:
             self._warn_once("info", "request info does not match the batch; step served dense")
             return None
         seq_lens = step.seq_lens[:num_reqs].cpu().numpy()
-        tokens = plan_tokens(query_start, seq_lens, info.num_prompt, info.sparsity)
-        if tokens.partial:
+        tokens = plan_tokens(query_start, seq_lens, info.num_prompt, info.sparsity, self.window)
+        if tokens.partial and self.window is None:
             self._warn_once(
                 "partial",
-                "a prompt arrived in pieces (chunked prefill or a prefix-cache hit); such "
-                "prompts are served dense",
+                "a prompt arrived in pieces (chunked prefill or a prefix-cache hit); exact "
+                "routing serves such prompts dense",
             )
+        if tokens.unaligned:
+            self.stats.unaligned_tokens += tokens.unaligned
+            self._warn_once(
+                "unaligned",
+                f"a routing window of {self.window} tokens was split across steps; its "
+                "tokens run dense (the scheduler aligns chunks unless the token budget is "
+                "smaller than a window)",
+            )
+        completing = [info.req_ids[i] for i in tokens.completing]
         if not len(tokens.routed_reqs):
+            self.stats.complete(completing)
             return None
         targets = info.sparsity[tokens.routed_reqs]
         blocks = [self.blocks(float(t)) for t in targets]
         if all(not bool((b > 0).any()) for b in blocks):
+            self.stats.complete(completing)
             return None
         device = step.query_start_loc.device
-        layout = TokenLayout.from_lengths(torch.as_tensor(tokens.routed_lens), device=device)
-        block_sparsity = torch.stack(blocks).to(device)[layout.seq_ids].T.contiguous()  # [L, Tr]
+        lens = torch.as_tensor(tokens.routed_lens)
+        if self.window is None:
+            layout = TokenLayout.from_lengths(lens, device=device)
+        else:
+            layout = TokenLayout.from_spans(
+                tokens.routed_starts, tokens.routed_starts + tokens.routed_lens,
+                tokens.routed_prompt, self.window, device=device)
+        tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
+        block_sparsity = torch.stack(blocks).to(device)[tok_routed].T.contiguous()  # [L, Tr]
+        prompt_pos = np.repeat(tokens.routed_starts - np.cumsum(tokens.routed_lens)
+                               + tokens.routed_lens, tokens.routed_lens)
+        prompt_pos = prompt_pos + np.arange(len(tokens.routed_idx))
         return StepPlan(
             num_tokens=num_tokens,
             req_ids=info.req_ids,
@@ -241,6 +274,10 @@ class RoutingRuntime:
             block_sparsity=block_sparsity,
             routed_req=tokens.routed_reqs,
             routed_target=targets,
+            routed_lens=tokens.routed_lens,
+            routed_prompt=tokens.routed_prompt,
+            prompt_pos=prompt_pos,
+            completing=completing,
             tok_req=tokens.tok_req,
             tok_pos=tokens.tok_pos,
             step_metadata=step,

@@ -37,26 +37,26 @@ class RoutingStats:
         self.dense_flops = 0.0  # FLOP model, routed prompts as if dense
         self.routed_flops = 0.0  # FLOP model, as routed
         self.metadata_builds = 0
+        self.unaligned_tokens = 0  # window routing: prompt tokens run dense, window split
+        self._open: dict[str | None, dict[str, Any]] = {}  # requests still in prefill
+        self._open_masks: dict[str, np.ndarray] = {}
         self.requests: deque[dict[str, Any]] = deque(maxlen=MAX_REQUEST_RECORDS)
 
     def record_step(self, plan: Any) -> None:
+        """Add one step's routed tokens; a request's record is complete (and readable) once
+        its prompt's last token has been computed: a chunked prompt is routed over steps."""
         keeps = plan.keeps  # [L, Tr] bool
-        layout = plan.layout
-        pos = layout.positions.cpu().numpy().astype(np.float64)
         shape = self.shape
-        per_kept = shape.kept_token_flops(pos)  # [Tr]
+        per_kept = shape.kept_token_flops(plan.prompt_pos.astype(np.float64))  # [Tr]
         kv = float(shape.kv_flops)
         num_layers = keeps.shape[0]
-        starts = layout.starts.cpu().numpy()
-        lengths = layout.lengths.cpu().numpy()
+        lengths = np.asarray(plan.routed_lens)
+        starts = np.cumsum(lengths) - lengths
         kept_cost = (keeps * per_kept).sum(0)  # [Tr] summed over layers
-        kept_count = keeps.sum(0)
         routed_req = np.add.reduceat(kept_cost, starts) + num_layers * kv * lengths
         dense_req = np.add.reduceat(per_kept, starts) * num_layers + num_layers * kv * lengths
-        kept_req = np.add.reduceat(kept_count, starts)
 
         self.routed_steps += 1
-        self.routed_requests += len(lengths)
         self.routed_tokens += int(lengths.sum())
         k = keeps.sum(1)
         self.kept += k
@@ -67,22 +67,49 @@ class RoutingStats:
         kept_layer_req = np.add.reduceat(keeps, starts, axis=1)  # [L, Rr]
         for i, r in enumerate(plan.routed_req):
             rid = plan.req_ids[r] if plan.req_ids is not None else None
-            pairs = int(lengths[i]) * num_layers
-            kept_layers = kept_layer_req[:, i]
-            self.requests.append(
-                {
-                    "request_id": rid,
-                    "prompt_tokens": int(lengths[i]),
+            rec = self._open.get(rid)
+            if rec is None:
+                rec = self._open[rid] = {
+                    "request_id": rid, "prompt_tokens": 0,
                     "target_sparsity": float(plan.routed_target[i]),
-                    "token_sparsity": 1.0 - float(kept_req[i]) / pairs,
-                    "flop_speedup": float(dense_req[i] / routed_req[i]),
-                    "kept_per_layer": kept_layers.tolist(),
-                    "skipped_per_layer": (int(lengths[i]) - kept_layers).tolist(),
+                    "dense_flops": 0.0, "routed_flops": 0.0,
+                    "kept_per_layer": np.zeros(num_layers, dtype=np.int64),
                 }
-            )
+                if len(self._open) > MAX_REQUEST_RECORDS:  # requests that never finished
+                    self._open.pop(next(iter(self._open)))
+            rec["prompt_tokens"] += int(lengths[i])
+            rec["dense_flops"] += float(dense_req[i])
+            rec["routed_flops"] += float(routed_req[i])
+            rec["kept_per_layer"] += kept_layer_req[:, i]
             if self.record_masks and rid is not None:
-                s = int(starts[i])
-                self.masks[rid] = keeps[:, s : s + int(lengths[i])].copy()
+                mask = self._open_masks.get(rid)
+                if mask is None:
+                    n = int(plan.routed_prompt[i])
+                    mask = self._open_masks[rid] = np.ones((num_layers, n), dtype=bool)
+                s, e = int(starts[i]), int(starts[i] + lengths[i])
+                mask[:, plan.prompt_pos[s:e]] = keeps[:, s:e]
+        self.complete(plan.completing)
+
+    def complete(self, req_ids: list[str]) -> None:
+        """Close the records of requests whose prompt has been computed in full."""
+        for rid in req_ids:
+            mask = self._open_masks.pop(rid, None)
+            if mask is not None:
+                self.masks[rid] = mask
+            rec = self._open.pop(rid, None)
+            if rec is None:
+                continue
+            kept = rec.pop("kept_per_layer")
+            pairs = rec["prompt_tokens"] * self.num_layers
+            dense, routed = rec.pop("dense_flops"), rec.pop("routed_flops")
+            self.routed_requests += 1
+            self.requests.append({
+                **rec,
+                "token_sparsity": 1.0 - float(kept.sum()) / pairs,
+                "flop_speedup": dense / routed,
+                "kept_per_layer": kept.tolist(),
+                "skipped_per_layer": (rec["prompt_tokens"] - kept).tolist(),
+            })
 
     def snapshot(self, drain_requests: bool = False) -> dict[str, Any]:
         out = {
@@ -98,6 +125,7 @@ class RoutingStats:
             "routed_flops": self.routed_flops,
             "flop_speedup": self.dense_flops / self.routed_flops if self.routed_flops else 1.0,
             "metadata_builds": self.metadata_builds,
+            "unaligned_tokens": self.unaligned_tokens,
         }
         if drain_requests:
             out["requests"] = list(self.requests)

@@ -127,6 +127,7 @@ class BatchRequests:
     req_ids: list[str]
     num_prompt_tokens: np.ndarray  # [R] int
     extra_args: list[dict[str, Any] | None]  # each request's SamplingParams.extra_args
+    prompt_logprobs: list[bool]  # each request asks for prompt log-probabilities
 
 
 def batch_requests(runner: Any, known: Container[str] = ()) -> BatchRequests:
@@ -136,13 +137,16 @@ def batch_requests(runner: Any, known: Container[str] = ()) -> BatchRequests:
     n = batch.num_reqs
     req_ids = list(batch.req_ids[:n])
     extra: list[dict[str, Any] | None] = []
+    wants: list[bool] = []
     for rid in req_ids:
         if rid in known:
             extra.append(None)
+            wants.append(False)
             continue
         params = getattr(runner.requests.get(rid), "sampling_params", None)
         extra.append(getattr(params, "extra_args", None))
-    return BatchRequests(req_ids, batch.num_prompt_tokens[:n].copy(), extra)
+        wants.append(getattr(params, "prompt_logprobs", None) is not None)
+    return BatchRequests(req_ids, batch.num_prompt_tokens[:n].copy(), extra, wants)
 
 
 def forward_context() -> Any | None:

@@ -26,22 +26,58 @@ class RouterInputs:
 
 
 class TokenRouter:
-    """Base class: `keep` applies the rules every router obeys, `_keep` is the router's own."""
+    """Base class: `keep` applies the rules every router obeys. On whole prompts (``exact``
+    routing) `_keep` is the router's own decision; on windows (``window`` routing) a router
+    that `ranks` keeps the tokens its `score` ranks highest, skipping each window's count
+    (`window_skip_counts`)."""
 
     needs_scores = False
+    ranks = True  # False: the router decides outright (dense, explicit masks)
 
     def keep(self, inputs: RouterInputs) -> Tensor:
         """[T] bool keep mask. Tokens of requests whose block target is 0 are all kept, and
         each prompt's first and last token are always kept (docs/ROUTER.md)."""
-        keep = self._keep(inputs)
+        if inputs.layout.windowed and self.ranks:
+            keep = window_top(self.score(inputs), inputs)
+        else:
+            keep = self._keep(inputs)
         return keep | inputs.layout.protected | (inputs.block_sparsity <= 0)
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         raise NotImplementedError
 
+    def score(self, inputs: RouterInputs) -> Tensor:
+        """[T] how much each token is worth computing (higher is kept first)."""
+        raise NotImplementedError
+
+
+def window_skip_counts(inputs: RouterInputs) -> Tensor:
+    """[R] tokens each window skips: round(s * end) - round(s * start) for a window over
+    prompt positions [start, end) at block target s, so a prompt's windows together skip
+    round(s * n) tokens whatever its length (at most the window's tokens that may skip)."""
+    layout = inputs.layout
+    s = inputs.block_sparsity.double()[layout.starts]
+    start = layout.offsets.double()
+    end = start + layout.lengths.double()
+    count = torch.floor(s * end + 0.5) - torch.floor(s * start + 0.5)
+    free = layout.lengths - torch.zeros_like(layout.lengths).index_add_(
+        0, layout.seq_ids, layout.protected.long())
+    return torch.minimum(count.long(), free)
+
+
+def window_top(score: Tensor, inputs: RouterInputs) -> Tensor:
+    """Keep mask that skips each window's count of its lowest-scored tokens (ties: the
+    earlier token skips first); protected tokens are never among them."""
+    layout = inputs.layout
+    score = torch.where(layout.protected, torch.full_like(score, torch.inf), score.float())
+    rank = _segment_rank_ascending(score, layout)
+    return rank >= window_skip_counts(inputs)[layout.seq_ids]
+
 
 class DenseRouter(TokenRouter):
     """Keeps every token: routing off."""
+
+    ranks = False
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         return torch.ones_like(inputs.layout.positions, dtype=torch.bool)
@@ -61,6 +97,9 @@ class StaticRouter(TokenRouter):
         skip = torch.minimum(skip, (n - 2).clamp(min=0))
         return layout.positions > skip
 
+    def score(self, inputs: RouterInputs) -> Tensor:
+        return inputs.layout.positions.float()
+
 
 class RandomRouter(TokenRouter):
     """Baseline: skips the static router's number of tokens, chosen uniformly at random."""
@@ -78,6 +117,10 @@ class RandomRouter(TokenRouter):
         rank = _segment_rank_ascending(noise, layout)
         return rank >= skip
 
+    def score(self, inputs: RouterInputs) -> Tensor:
+        return torch.rand(inputs.layout.num_tokens, generator=self.generator).to(
+            inputs.layout.positions.device)
+
 
 def _segment_rank_ascending(values: Tensor, layout: TokenLayout) -> Tensor:
     order = torch.argsort(values, stable=True)
@@ -89,6 +132,8 @@ def _segment_rank_ascending(values: Tensor, layout: TokenLayout) -> Tensor:
 
 class MaskRouter(TokenRouter):
     """Explicit decisions: masks[layer] is the keep mask of that block (tests, replays)."""
+
+    ranks = False
 
     def __init__(self, masks: Tensor):
         self.masks = masks.bool()
@@ -127,3 +172,8 @@ class MLPRouter(nn.Module, TokenRouter):
     def _keep(self, inputs: RouterInputs) -> Tensor:
         logits = self.logits(inputs)
         return logits[:, 1] > logits[:, 0]
+
+    @torch.no_grad()
+    def score(self, inputs: RouterInputs) -> Tensor:
+        logits = self.logits(inputs).float()
+        return logits[:, 1] - logits[:, 0]

@@ -35,6 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--generations", type=int, default=8)
     sp.add_argument("--num-seqs", type=int, default=4, help="tune-split sequences for fitness")
     sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--window", type=int, default=None,
+                    help="search for window routing over aligned windows of this many tokens "
+                    "(composes with prefix caching and chunked prefill; docs/ROUTER.md); "
+                    "default: exact routing over whole prompts")
     _common(sp)
     sp.set_defaults(func=_cmd_schedule)
 
@@ -135,10 +139,12 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             # A learned router skips what it decides, not exactly its input: search under the
             # nominal budget at which it realizes `target` on the tune text.
             start_blocks = base.schedule.blocks(min(target, base.schedule.max_target))
-            init = [calibrate_budget(model, ids, lengths, router, start_blocks, target)]
+            init = [calibrate_budget(model, ids, lengths, router, start_blocks, target,
+                                     window=args.window)]
             budget = float(init[0].mean())
             print(f"target {target:g}: router input budget {budget:.3f}", flush=True)
-        fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at)
+        fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at,
+                             window=args.window)
         best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init)
         found[target], history[f"{target:g}"] = best, [round(h, 5) for h in hist]
         print(f"target {target:g}: fitness {hist[0]:.4f} -> {hist[-1]:.4f}", flush=True)
@@ -157,6 +163,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             },
             **({"training": base.provenance.get("training")} if base else {}),
         ),
+        window=args.window,
     )
     print(f"wrote {artifact.save(args.output)}")
 

@@ -74,17 +74,20 @@ def kl_fitness(
     target: float,
     penalty: float = 10.0,
     logits_at: Tensor | None = None,
+    window: int | None = None,
 ) -> Fitness:
     """Fitness of a block schedule: -KL(dense || routed) - penalty * sparsity shortfall.
 
-    KL is measured at `logits_at` (flattened token indices; default all tokens).
+    KL is measured at `logits_at` (flattened token indices; default all tokens); `window`:
+    window routing over windows of that many tokens (None: exact).
     """
     with torch.no_grad():
         teacher = routed_forward(model, ids, lengths, logits_at=logits_at).logits
 
     @torch.no_grad()
     def fitness(blocks: Tensor) -> float:
-        out = routed_forward(model, ids, lengths, router, blocks, logits_at=logits_at)
+        out = routed_forward(model, ids, lengths, router, blocks, logits_at=logits_at,
+                             window=window)
         shortfall = max(0.0, target - token_sparsity(out.keep))
         return -float(distillation_loss(out.logits, teacher)) - penalty * shortfall
 
@@ -101,6 +104,7 @@ def calibrate_budget(
     target: float,
     max_block: float = 0.9,
     rounds: int = 3,
+    window: int | None = None,
 ) -> Tensor:
     """Rescale a schedule until the router's realized sparsity meets `target`.
 
@@ -108,7 +112,8 @@ def calibrate_budget(
     actually skips differ; the search must spend the realized budget, not the nominal one.
     """
     for _ in range(rounds):
-        realized = token_sparsity(routed_forward(model, ids, lengths, router, blocks).keep)
+        realized = token_sparsity(
+            routed_forward(model, ids, lengths, router, blocks, window=window).keep)
         if realized <= 0 or abs(realized - target) < 0.005:
             break
         mean = min(float(blocks.mean()) * target / realized, max_block * 0.95)
