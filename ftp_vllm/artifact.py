@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ftp_vllm.contract import EXACT_ARTIFACT as EXACT_ARTIFACT_NAME
 from ftp_vllm.contract import FINGERPRINT_KEYS, SHIPPED_ARTIFACT
 from ftp_vllm.contract import STATIC_ARTIFACT as STATIC_ARTIFACT_NAME
 from ftp_vllm.routing.router import MLPRouter, StaticRouter, TokenRouter
@@ -30,7 +31,8 @@ CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
 # Artifacts shipped inside the package, for the default model (SmolLM2-135M-Instruct).
 SHIPPED_DIR = Path(__file__).parent / "artifacts"
-DEFAULT_ARTIFACT = SHIPPED_DIR / SHIPPED_ARTIFACT  # FTP: trained router + schedules
+DEFAULT_ARTIFACT = SHIPPED_DIR / SHIPPED_ARTIFACT  # served by default: window routing
+EXACT_ARTIFACT = SHIPPED_DIR / EXACT_ARTIFACT_NAME  # FTP as published: trained MLP, exact
 STATIC_ARTIFACT = SHIPPED_DIR / STATIC_ARTIFACT_NAME  # static router + schedules
 
 

@@ -79,7 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                       help="mean token sparsity over blocks (default 0.3)")
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--router", default=str(DEFAULT_ARTIFACT),
-                      help="router artifact (default: the shipped SmolLM2 FTP router)")
+                      help="router artifact (default: the shipped window router, as served)")
     demo.add_argument("--model", default=None, help="model folder (default: prepared SmolLM2)")
     demo.add_argument("--no-dense", action="store_true",
                       help="skip the dense generation printed for comparison")
@@ -116,7 +116,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     for label, how, router, sched in runs:
         t0 = time.perf_counter()
         result = greedy_generate(model, prompt_ids, args.max_new_tokens, router, sched,
-                                 eos_token_id=eos)
+                                 eos_token_id=eos, window=artifact.window)
         elapsed = time.perf_counter() - t0
         keep = result.keep
         sparsity = 1.0 - keep.float().mean().item()

@@ -45,7 +45,8 @@ FINGERPRINT_KEYS = (
 )
 
 # Router artifacts shipped inside the package (ftp_vllm/artifacts/) for the default model.
-SHIPPED_ARTIFACT = "smollm2-135m-instruct"  # trained FTP router + searched schedules
+SHIPPED_ARTIFACT = "smollm2-135m-instruct-window"  # served by default: window routing
+EXACT_ARTIFACT = "smollm2-135m-instruct"  # FTP as published: trained MLP router, exact routing
 STATIC_ARTIFACT = "smollm2-135m-instruct-static"  # training-free static router (fallback)
 TOLERANCE = 1e-9  # a target equal to the maximum up to float noise is the maximum
 
@@ -101,7 +102,8 @@ def request_sparsity(extra_args: Mapping[str, Any] | None, max_sparsity: float,
 
 
 __all__ = [
-    "ARCHITECTURES", "FINGERPRINT_KEYS", "MODEL_TYPES", "ROUTER_KEY", "SHIPPED_ARTIFACT",
+    "ARCHITECTURES", "EXACT_ARTIFACT", "FINGERPRINT_KEYS", "MODEL_TYPES", "ROUTER_KEY",
+    "SHIPPED_ARTIFACT",
     "SPARSITY_KEY", "STATIC_ARTIFACT", "STATS_METHOD", "TOLERANCE", "XARGS_KEY",
     "request_sparsity", "validate_sparsity",
 ]

@@ -104,13 +104,15 @@ def canonical_command(args: argparse.Namespace, output: Path) -> str:
 
 def _vllm_scorer(args: argparse.Namespace, model_dir: Path, info: dict[str, Any]):
     """The vLLM-engine scorer of a method the plugin serves: its searched schedule."""
-    from ftp_vllm.artifact import DEFAULT_ARTIFACT, STATIC_ARTIFACT
+    from ftp_vllm.artifact import STATIC_ARTIFACT
+    from ftp_vllm.eval.methods import METHOD_ARTIFACT
     from ftp_vllm.eval.vllm_scorer import VLLMScorer
 
-    if args.method not in ("dense", "ftp", "static") or info.get("schedule", "searched") != \
-            "searched":
-        raise ValueError("--engine vllm serves dense, ftp and static (searched schedule) only")
-    default = DEFAULT_ARTIFACT if args.method == "ftp" else STATIC_ARTIFACT
+    if args.method not in ("dense", "window", "ftp", "static") or \
+            info.get("schedule", "searched") != "searched":
+        raise ValueError("--engine vllm serves dense, window, ftp and static (searched "
+                         "schedule) only")
+    default = METHOD_ARTIFACT.get(args.method, STATIC_ARTIFACT)
     artifact = None if args.method == "dense" else (args.router or default)
     return VLLMScorer(model_dir, artifact, args.sparsity if artifact else 0.0)
 

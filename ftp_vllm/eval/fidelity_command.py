@@ -76,11 +76,11 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def default_router(method: str, schedule: str | None) -> Path | None:
     """The shipped artifact a method reads its router or schedule from by default."""
-    from ftp_vllm.artifact import DEFAULT_ARTIFACT, STATIC_ARTIFACT
-    from ftp_vllm.eval.methods import DEFAULT_SCHEDULE
+    from ftp_vllm.artifact import STATIC_ARTIFACT
+    from ftp_vllm.eval.methods import DEFAULT_SCHEDULE, METHOD_ARTIFACT
 
-    if method == "ftp":
-        return DEFAULT_ARTIFACT
+    if method in METHOD_ARTIFACT:
+        return METHOD_ARTIFACT[method]
     if method in DEFAULT_SCHEDULE and (schedule or DEFAULT_SCHEDULE[method]) == "searched":
         return STATIC_ARTIFACT
     return None
@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = setup.scorer
         label = method if method == "dense" else f"{method} {sparsity:g}"
         rows = [measure(scorer.model, r, p.bucket, scorer.router, scorer.block_sparsity,
-                        scorer.dense_num_layers)
+                        scorer.dense_num_layers, scorer.window)
                 for p, r in tqdm(list(zip(prompts, refs, strict=True)), desc=label,
                                  disable=disable)]
         metrics = summarize(rows)

@@ -3,13 +3,16 @@
 | method         | routing                          | per-block targets                   |
 |----------------|----------------------------------|-------------------------------------|
 | dense          | none                             | -                                   |
-| ftp            | trained MLP router (artifact)    | artifact's searched schedule        |
+| window         | window routing (served default)  | artifact's searched schedule        |
+| ftp            | trained MLP router, exact        | artifact's searched schedule        |
 | static         | static router                    | artifact's searched schedule        |
 | static-uniform | static router                    | S at every block                    |
 | random         | random router (static's count)   | S at every block                    |
 | shortgpt       | k = round(S*L) blocks removed by Block Influence, the rest dense       |
 
 `schedule` ("searched" or "uniform") overrides the default schedule of ftp/static/random.
+`window` is what `ftp-vllm serve` routes with by default: its artifact's router and searched
+schedule over aligned windows (docs/ROUTER.md); every other method routes whole prompts.
 """
 
 from __future__ import annotations
@@ -23,14 +26,16 @@ import torch
 from torch import nn
 
 import ftp_vllm
-from ftp_vllm.artifact import DEFAULT_ARTIFACT
+from ftp_vllm.artifact import DEFAULT_ARTIFACT, EXACT_ARTIFACT, STATIC_ARTIFACT
 from ftp_vllm.eval.scoring import ReferenceScorer
 from ftp_vllm.routing.router import DenseRouter, RandomRouter, StaticRouter, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 
-METHODS = ("dense", "ftp", "static", "static-uniform", "random", "shortgpt")
-DEFAULT_SCHEDULE = {"ftp": "searched", "static": "searched", "static-uniform": "uniform",
-                    "random": "uniform"}
+METHODS = ("dense", "window", "ftp", "static", "static-uniform", "random", "shortgpt")
+DEFAULT_SCHEDULE = {"window": "searched", "ftp": "searched", "static": "searched",
+                    "static-uniform": "uniform", "random": "uniform"}
+# The artifact a method reads its router from by default.
+METHOD_ARTIFACT = {"window": DEFAULT_ARTIFACT, "ftp": EXACT_ARTIFACT}
 REPO_ROOT = Path(ftp_vllm.__file__).resolve().parent.parent
 
 
@@ -112,11 +117,13 @@ def build_method(
     if method == "static-uniform" and kind != "uniform":
         raise ValueError("static-uniform always uses the uniform schedule (use --method static)")
     art = None
-    if method == "ftp" or kind == "searched":
+    artifact = artifact or METHOD_ARTIFACT.get(method, STATIC_ARTIFACT)
+    if method in METHOD_ARTIFACT or kind == "searched":
         art = _load_artifact(artifact, model)
         info["router_artifact"] = {
-            "path": display_path(artifact or DEFAULT_ARTIFACT),
+            "path": display_path(artifact),
             "kind": art.kind,
+            "routing": art.mode,
             "schedules": art.schedule.targets,
             "provenance": art.provenance,
         }
@@ -126,11 +133,18 @@ def build_method(
         blocks = SparsitySchedule.uniform([sparsity], num_layers).blocks(sparsity) \
             if sparsity > 0 else torch.zeros(num_layers, dtype=torch.float64)
     router: TokenRouter
-    if method == "ftp":
-        if art.kind != "mlp":
-            raise ValueError(f"--method ftp needs a trained (mlp) router artifact; "
-                             f"{display_path(artifact or DEFAULT_ARTIFACT)} holds a "
-                             f"{art.kind} router")
+    window = None
+    if method == "window":
+        if not art.window:
+            raise ValueError(f"--method window needs a window-routing artifact; "
+                             f"{display_path(artifact)} routes whole prompts (exact)")
+        router, window = art.router, art.window
+        info["window"] = window
+    elif method == "ftp":
+        if art.kind != "mlp" or art.window:
+            raise ValueError(f"--method ftp needs a trained (mlp) exact-routing artifact; "
+                             f"{display_path(artifact)} holds a {art.kind} router "
+                             f"({art.mode} routing)")
         router = art.router
     elif method in ("static", "static-uniform"):
         router = StaticRouter()
@@ -139,14 +153,14 @@ def build_method(
         info["seed"] = seed
     info["schedule"] = kind
     info["block_sparsity"] = [round(float(b), 6) for b in blocks]
-    scorer = ReferenceScorer(model, router, blocks, batch_tokens=batch_tokens)
+    scorer = ReferenceScorer(model, router, blocks, batch_tokens=batch_tokens, window=window)
     return MethodSetup(scorer, info)
 
 
 def _load_artifact(path: Path | str | None, model: nn.Module):
     from ftp_vllm.artifact import load_artifact, model_fingerprint
 
-    path = Path(path) if path is not None else DEFAULT_ARTIFACT
+    path = Path(path)
     art = load_artifact(path)
     art.check_model(model_fingerprint(model.config, model.model.norm.weight), path)
     return art

@@ -157,6 +157,7 @@ class ReferenceScorer:
         max_length: int = DEFAULT_MAX_LENGTH,
         dense_num_layers: int | None = None,
         name: str = "reference",
+        window: int | None = None,
     ):
         self.model = model
         self.hidden = _NormedHidden(model)
@@ -168,6 +169,7 @@ class ReferenceScorer:
         self.dense_num_layers = dense_num_layers or self.num_layers
         self.shape = BlockShape.from_config(model.config)
         self.name = name
+        self.window = window  # window routing (docs/ROUTER.md); None: whole prompts
         self.stats = ScoreStats()
 
     def describe(self) -> dict:
@@ -198,7 +200,8 @@ class ReferenceScorer:
         lengths = [len(ids) for ids, _ in prompts]
         device = next(self.model.parameters()).device
         ids = torch.tensor([t for p, _ in prompts for t in p], dtype=torch.long, device=device)
-        res = routed_forward(self.hidden, ids, lengths, self.router, self.block_sparsity)
+        res = routed_forward(self.hidden, ids, lengths, self.router, self.block_sparsity,
+                             window=self.window)
         # Positions whose next-token distribution predicts a continuation token.
         rows, targets = [], []
         start = 0
