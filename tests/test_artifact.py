@@ -105,3 +105,64 @@ def test_missing_folder_and_wrong_file(tmp_path):
     (tmp_path / "x.bin").write_bytes(b"1")
     with pytest.raises(ArtifactError, match="not a router artifact"):
         load_artifact(tmp_path / "x.bin")
+
+
+def test_routing_entry_round_trip_window(tmp_path, model):
+    art = _artifact(model)
+    art.window = 16
+    path = art.save(tmp_path / "w")
+    assert json.loads((path / CONFIG_FILE).read_text())["routing"] == {"mode": "window",
+                                                                        "window": 16}
+    loaded = load_artifact(path)
+    assert loaded.window == 16 and loaded.mode == "window"
+
+
+def test_routing_entry_round_trip_exact(tmp_path, model):
+    path = _artifact(model, "static").save(tmp_path / "e")
+    assert json.loads((path / CONFIG_FILE).read_text())["routing"] == {"mode": "exact"}
+    loaded = load_artifact(path)
+    assert loaded.window is None and loaded.mode == "exact"
+
+
+def test_uniform_artifact_carries_its_window(tmp_path, model):
+    from ftp_vllm.artifact import uniform_artifact
+
+    path = uniform_artifact(tmp_path / "u", _fp(model), StaticRouter(), "static", (0.2, 0.4),
+                            window=32)
+    assert load_artifact(path).window == 32
+    path = uniform_artifact(tmp_path / "v", _fp(model), StaticRouter(), "static", (0.2, 0.4))
+    assert load_artifact(path).mode == "exact"
+
+
+def test_artifact_without_a_routing_entry_is_exact(tmp_path, model):
+    """Artifacts made before window routing carry no ``routing`` entry: they are exact."""
+    art = _artifact(model)
+    art.window = 16
+    path = art.save(tmp_path / "old")
+    _edit(path, lambda m: m.pop("routing"))
+    loaded = load_artifact(path)
+    assert loaded.window is None and loaded.mode == "exact"
+
+
+@pytest.mark.parametrize(
+    "routing, message",
+    [
+        ({"mode": "windowed", "window": 16}, "unknown routing mode 'windowed'"),
+        ({"mode": None}, "unknown routing mode None"),
+        ({"window": 16}, "KeyError"),
+        ({"mode": "window"}, "KeyError"),
+        ({"mode": "window", "window": 0}, "routing window must be a positive number.*got 0"),
+        ({"mode": "window", "window": -1}, "routing window must be a positive number.*got -1"),
+        ({"mode": "window", "window": "16"}, "routing window must be a positive.*got '16'"),
+        ({"mode": "window", "window": True}, "routing window must be a positive.*got True"),
+        ({"mode": "window", "window": 16.0}, "routing window must be a positive.*got 16.0"),
+        ("window", "malformed contents"),
+    ],
+)
+def test_bad_routing_entry_names_the_file(tmp_path, model, routing, message):
+    path = _artifact(model).save(tmp_path / "r")
+    _edit(path, lambda m: m.update(routing=routing))
+    with pytest.raises(ArtifactError, match=message) as err:
+        load_artifact(path)
+    assert str(path / CONFIG_FILE) in str(err.value)
+    assert "malformed contents" in str(err.value)

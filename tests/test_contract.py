@@ -76,6 +76,29 @@ def test_request_sparsity_defaults_only_when_absent():
         request_sparsity({SPARSITY_KEY: "0.1"}, MAX, 0.3)
 
 
+def test_requests_for_prompt_logprobs_are_dense_unless_they_set_a_target():
+    """A skipped token's prompt log-probability comes from a partly processed state: a
+    request asking for them gets the default only if it names its own target."""
+    for absent in (None, {}, {"other": 1}):
+        assert request_sparsity(absent, MAX, 0.3, prompt_logprobs=True) == 0.0
+        assert request_sparsity(absent, MAX, 0.3, prompt_logprobs=False) == 0.3
+    assert request_sparsity({SPARSITY_KEY: 0.2}, MAX, 0.3, prompt_logprobs=True) == 0.2
+    assert request_sparsity({SPARSITY_KEY: 0.3}, MAX, 0.3, prompt_logprobs=True) == 0.3
+    assert request_sparsity({SPARSITY_KEY: None}, MAX, 0.3, prompt_logprobs=True) == 0.0
+    with pytest.raises(ValueError, match=SPARSITY_KEY):
+        request_sparsity({SPARSITY_KEY: 0.9}, MAX, 0.3, prompt_logprobs=True)
+
+
+def test_the_worker_passes_prompt_logprobs_to_the_rule():
+    from ftp_vllm.plugin.runtime import parse_request_sparsity
+    from ftp_vllm.routing.schedule import SparsitySchedule
+
+    schedule = SparsitySchedule.uniform([0.2, MAX], 4)
+    assert parse_request_sparsity(None, schedule, 0.3, True) == 0.0
+    assert parse_request_sparsity(None, schedule, 0.3) == 0.3
+    assert parse_request_sparsity({SPARSITY_KEY: 0.2}, schedule, 0.3, True) == 0.2
+
+
 @pytest.mark.parametrize("value,expected", CASES, ids=[repr(c[0])[:16] for c in CASES])
 def test_server_and_worker_agree(value, expected):
     """The server's HTTP check and the worker's parsing give the same verdict for every case."""

@@ -141,10 +141,12 @@ def test_plan_tokens_routes_whole_prompts_with_a_target():
     plan = plan_tokens(query_start, seq_lens, num_prompt=np.array([5, 3, 4]),
                        targets=np.array([0.3, 0.3, 0.0]))
     assert plan.routed_reqs.tolist() == [0] and plan.routed_lens.tolist() == [5]
+    assert plan.routed_starts.tolist() == [0] and plan.routed_prompt.tolist() == [5]
     assert plan.routed_idx.tolist() == [0, 1, 2, 3, 4]
     assert plan.tok_req.tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 2, 2]
     assert plan.tok_pos.tolist() == [0, 1, 2, 3, 4, 8, 0, 1, 2, 3]
-    assert not plan.partial
+    assert plan.completing.tolist() == [0, 2]  # prompts ending here, routed or not
+    assert not plan.partial and plan.unaligned == 0
 
 
 def test_plan_tokens_leaves_prompts_that_arrive_in_pieces_dense():
@@ -154,6 +156,10 @@ def test_plan_tokens_leaves_prompts_that_arrive_in_pieces_dense():
     plan = plan_tokens(np.array([0, 4]), np.array([10]), np.array([10]), np.array([0.4]))
     assert plan.partial and len(plan.routed_reqs) == 0 and len(plan.routed_idx) == 0
     assert plan.tok_pos.tolist() == [6, 7, 8, 9]
+    assert plan.completing.tolist() == [0] and plan.unaligned == 0
+    # its first chunk (6 of 10 tokens) runs dense as well, and completes nothing
+    plan = plan_tokens(np.array([0, 6]), np.array([6]), np.array([10]), np.array([0.4]))
+    assert plan.partial and len(plan.routed_reqs) == 0 and len(plan.completing) == 0
     # one-token prompts are never routed (the first and last token always run)
     plan = plan_tokens(np.array([0, 1]), np.array([1]), np.array([1]), np.array([0.4]))
     assert len(plan.routed_reqs) == 0
@@ -171,6 +177,8 @@ def test_stats_records_carry_per_layer_counts_that_add_up():
     plan = SimpleNamespace(
         keeps=keeps, layout=TokenLayout.from_lengths(torch.tensor([4, 5])),
         routed_req=np.array([0, 2]), routed_target=np.array([0.3, 0.4]),
+        routed_lens=np.array([4, 5]), routed_prompt=np.array([4, 5]),
+        prompt_pos=np.concatenate([np.arange(4), np.arange(5)]), completing=["a", "dense", "b"],
         req_ids=["a", "dense", "b"], builds=1,
     )
     stats = RoutingStats(3, BlockShape(hidden=64, intermediate=128, num_heads=4,
@@ -185,3 +193,116 @@ def test_stats_records_carry_per_layer_counts_that_add_up():
         assert a["kept_per_layer"][layer] + b["kept_per_layer"][layer] == \
             snap["kept_per_layer"][layer]
     assert a["token_sparsity"] == pytest.approx(1 - keeps[:, :4].mean())
+
+
+WINDOW = 8
+
+
+def window_plan(query_start, seq_lens, num_prompt, targets, window=WINDOW):
+    from ftp_vllm.plugin.plan import plan_tokens
+
+    return plan_tokens(np.array(query_start), np.array(seq_lens), np.array(num_prompt),
+                       np.array(targets), window)
+
+
+def test_window_plan_routes_whole_windows_of_a_chunk_and_counts_the_split_one():
+    """A 20-token prompt's first chunk of 12 ends inside window [8, 16): tokens 8-11 run
+    dense and are counted; window [0, 8) is routed."""
+    plan = window_plan([0, 12], [12], [20], [0.3])
+    assert plan.routed_reqs.tolist() == [0]
+    assert (plan.routed_starts.tolist(), plan.routed_lens.tolist()) == ([0], [8])
+    assert plan.routed_prompt.tolist() == [20] and plan.routed_idx.tolist() == list(range(8))
+    assert plan.unaligned == 4 and plan.partial and len(plan.completing) == 0
+
+
+def test_window_plan_routes_chunks_on_window_boundaries():
+    """Two requests: chunk [8, 16) of a 20-token prompt, and the last, short window [16, 20)
+    of another 20-token prompt, which completes it."""
+    plan = window_plan([0, 8, 12], [16, 20], [20, 20], [0.3, 0.2])
+    assert plan.routed_reqs.tolist() == [0, 1]
+    assert plan.routed_starts.tolist() == [8, 16] and plan.routed_lens.tolist() == [8, 4]
+    assert plan.routed_prompt.tolist() == [20, 20]
+    assert plan.routed_idx.tolist() == list(range(12))
+    assert plan.tok_pos.tolist() == list(range(8, 16)) + list(range(16, 20))
+    assert plan.completing.tolist() == [1] and plan.unaligned == 0 and plan.partial
+
+
+def test_window_plan_routes_what_follows_a_prefix_cache_hit():
+    # 16 tokens of a 30-token prompt came from the cache (a window boundary): [16, 30) routed
+    # (request 0 decodes one token); request 1 routes [16, 30) at step offsets 1..14
+    plan = window_plan([0, 1, 15], [20, 30], [18, 30], [0.3, 0.3])
+    assert plan.routed_reqs.tolist() == [1]
+    assert plan.routed_starts.tolist() == [16] and plan.routed_lens.tolist() == [14]
+    assert plan.routed_idx.tolist() == list(range(1, 15))
+    assert plan.tok_pos.tolist() == [19] + list(range(16, 30))
+    assert plan.completing.tolist() == [1] and plan.unaligned == 0
+
+
+def test_window_plan_skips_to_the_next_boundary_after_a_hit_inside_a_window():
+    # 13 tokens known (a hit that ends mid-window): 13-15 dense, [16, 30) routed
+    plan = window_plan([0, 17], [30], [30], [0.3])
+    assert plan.routed_starts.tolist() == [16] and plan.routed_lens.tolist() == [14]
+    assert plan.routed_idx.tolist() == list(range(3, 17))
+    assert plan.unaligned == 3
+
+
+def test_window_plan_never_routes_decode_or_generated_tokens():
+    # request 0: one decode token; request 1: a resumed request recomputing its 20-token
+    # prompt and 5 generated tokens: only the prompt is routed
+    plan = window_plan([0, 1, 26], [31, 25], [20, 20], [0.3, 0.3])
+    assert plan.routed_reqs.tolist() == [1]
+    assert plan.routed_starts.tolist() == [0] and plan.routed_lens.tolist() == [20]
+    assert plan.routed_idx.tolist() == list(range(1, 21))
+    assert plan.completing.tolist() == [1] and plan.unaligned == 0
+
+
+def test_window_plan_leaves_dense_requests_and_tiny_prompts_alone():
+    # target 0 (split window: not counted, it is dense anyway), a 1-token prompt
+    plan = window_plan([0, 12, 13], [12, 1], [20, 1], [0.0, 0.3])
+    assert len(plan.routed_reqs) == 0 and len(plan.routed_idx) == 0
+    assert plan.unaligned == 0 and plan.completing.tolist() == [1]
+
+
+def test_window_plan_chunk_inside_one_window_is_all_dense():
+    plan = window_plan([0, 5], [12], [20], [0.3])  # tokens 7..11 straddle a boundary
+    assert len(plan.routed_reqs) == 0 and plan.unaligned == 5
+
+
+def test_exact_plan_routes_whole_prompts_only_whatever_the_alignment():
+    from ftp_vllm.plugin.plan import plan_tokens
+
+    chunk = plan_tokens(np.array([0, 16]), np.array([16]), np.array([20]), np.array([0.3]))
+    hit = plan_tokens(np.array([0, 4]), np.array([20]), np.array([20]), np.array([0.3]))
+    whole = plan_tokens(np.array([0, 20]), np.array([20]), np.array([20]), np.array([0.3]))
+    assert len(chunk.routed_reqs) == 0 and len(hit.routed_reqs) == 0
+    assert chunk.partial and hit.partial and chunk.unaligned == hit.unaligned == 0
+    assert whole.routed_lens.tolist() == [20] and whole.routed_starts.tolist() == [0]
+    assert not whole.partial
+
+
+def test_stats_join_a_chunked_prompts_steps_into_one_record():
+    """A 20-token prompt routed in two steps ([0, 8), then [8, 20)): one record, closed when
+    its prompt completes; the recorded mask puts each step's decisions at their positions."""
+    from ftp_vllm.flops import BlockShape
+    from ftp_vllm.plugin.stats import RoutingStats
+
+    rng = np.random.default_rng(1)
+    keeps = rng.random((2, 20)) < 0.6
+    stats = RoutingStats(2, BlockShape(hidden=64, intermediate=128, num_heads=4,
+                                       num_kv_heads=2, head_dim=16))
+    stats.record_masks = True
+
+    def plan(start, end, completing):
+        return SimpleNamespace(
+            keeps=keeps[:, start:end], routed_req=np.array([0]), routed_target=np.array([0.3]),
+            routed_lens=np.array([end - start]), routed_prompt=np.array([20]),
+            prompt_pos=np.arange(start, end), completing=completing, req_ids=["a"], builds=1,
+        )
+
+    stats.record_step(plan(0, 8, []))
+    assert stats.snapshot(drain_requests=True)["requests"] == [] and "a" not in stats.masks
+    stats.record_step(plan(8, 20, ["a"]))
+    (rec,) = stats.snapshot(drain_requests=True)["requests"]
+    assert rec["prompt_tokens"] == 20 and rec["kept_per_layer"] == keeps.sum(1).tolist()
+    assert rec["token_sparsity"] == pytest.approx(1 - keeps.mean())
+    assert np.array_equal(stats.masks["a"], keeps)
