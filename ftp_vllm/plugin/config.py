@@ -58,7 +58,7 @@ class FTPRoutingConfig:
         )
         check_config(vllm_config)  # refusals (ftp_vllm.plugin.refusals): fail before changes
         if settings.artifact.window:
-            _use_window_scheduler(vllm_config, settings.artifact_path)
+            _use_window_scheduler(vllm_config, settings.artifact_path, settings.artifact.window)
         else:
             _serve_whole_prompts(vllm_config)
         if not model_config.enforce_eager:
@@ -80,13 +80,23 @@ class FTPRoutingConfig:
             )
 
 
-def _use_window_scheduler(vllm_config: Any, artifact_path: Any) -> None:
+def _use_window_scheduler(vllm_config: Any, artifact_path: Any, window: int) -> None:
+    """Window routing: vLLM's scheduler with chunks and cache hits aligned to windows, so
+    every step holds whole windows; a step budget below one window could not."""
     sched = vllm_config.scheduler_config
     if sched.scheduler_cls not in (None, WINDOW_SCHEDULER):
         raise ValueError(
             f"FTP window routing ({artifact_path}) schedules with its own scheduler, but "
             f"scheduler_cls={sched.scheduler_cls!r} is set; drop --scheduler-cls"
         )
+    for name, flag in (("max_num_batched_tokens", "--max-num-batched-tokens"),
+                       ("long_prefill_token_threshold", "--long-prefill-token-threshold")):
+        value = getattr(sched, name, 0) or 0
+        if 0 < value < window:
+            raise ValueError(
+                f"FTP window routing ({artifact_path}) routes whole {window}-token windows, "
+                f"but {name}={value} lets a step hold less than one; set {flag} >= {window}"
+            )
     sched.scheduler_cls = WINDOW_SCHEDULER
 
 
