@@ -210,6 +210,65 @@ def test_per_request_sparsity(client, server, offline):
     assert records[0.4]["flop_speedup"] > records[0.2]["flop_speedup"] > 1
 
 
+def test_prompt_logprobs_are_dense_unless_the_request_sets_a_target(client, server):
+    """A skipped token's prompt log-probability comes from a partly processed state, so a
+    request asking for them (`echo` + `logprobs`, `prompt_logprobs`) is served dense unless it
+    sets `ftp_sparsity` itself, and `ftp_prompt_logprobs_dense_requests_total` counts it."""
+    prompt = PROMPTS[1]
+
+    def ask(xargs=None, field=False):
+        """echo + logprobs (the OpenAI way), or vLLM's own `prompt_logprobs` field."""
+        extra = {} if xargs is None else {"vllm_xargs": xargs}
+        if field:
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                             temperature=0,
+                                             extra_body={**extra, "prompt_logprobs": 1})
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=1,
+                                         temperature=0, echo=True, logprobs=1,
+                                         extra_body=extra)
+
+    def chat(xargs=None):
+        extra = {} if xargs is None else {"vllm_xargs": xargs}
+        r = client.chat.completions.create(model="tiny", messages=CHATS[1], max_tokens=1,
+                                           temperature=0,
+                                           extra_body={**extra, "prompt_logprobs": 1})
+        return r.model_extra["prompt_logprobs"]
+
+    def logprobs(r):
+        lp = r.choices[0].logprobs
+        return lp.tokens, lp.token_logprobs, lp.top_logprobs
+
+    def field(r):
+        return r.choices[0].model_extra["prompt_logprobs"]
+
+    metric = "ftp_prompt_logprobs_dense_requests_total"
+    before = metric_value(scrape(server.url), metric)
+    implicit = [ask(), ask()]
+    implicit_field = ask(field=True)
+    implicit_chat = chat()
+    dense = ask({"ftp_sparsity": 0})
+    dense_field = ask({"ftp_sparsity": 0}, field=True)
+    dense_chat = chat({"ftp_sparsity": 0})
+    routed = ask({"ftp_sparsity": 0.4})
+    after = metric_value(scrape(server.url), metric)
+
+    n = dense.usage.prompt_tokens
+    assert len(logprobs(dense)[1]) == n + 1  # the prompt's tokens, then the new one
+    for r in implicit:
+        assert logprobs(r) == logprobs(dense)  # exactly dense
+        status, _ = http_json(f"{server.url}/ftp/requests/{r.id}")
+        assert status == 404  # not routed, no record
+    assert len(field(implicit_field)) == n and field(implicit_field) == field(dense_field)
+    assert implicit_chat and implicit_chat == dense_chat
+
+    status, body = http_json(f"{server.url}/ftp/requests/{routed.id}")
+    assert status == 200, body
+    (rec,) = body["records"]
+    assert rec["target_sparsity"] == pytest.approx(0.4) and rec["token_sparsity"] > 0
+    assert logprobs(routed)[1] != logprobs(dense)[1]  # routed, as the request asked
+    assert after - before == 4  # the implicit ones; explicit targets are not counted
+
+
 # ------------------------------------------------------------------------ faults
 BAD_SPARSITY = [0.9, -0.1, 1, 0.400001, "0.2", "abc", True, [0.1]]
 

@@ -358,6 +358,41 @@ def test_poller_counts_every_data_parallel_engine():
     assert p.last["engines"] == 2 and p.last["routed_tokens"] == 10 + 40
 
 
+def test_prompt_logprobs_dense_counter_once_per_request_summed_over_engines():
+    """The worker counts a request served dense for prompt logprobs once (a preempted one
+    that comes back again is not recounted; one that set ftp_sparsity is not counted); the
+    poller sums the engines' increments, each against its own baseline."""
+    from ftp_vllm.flops import BlockShape
+    from ftp_vllm.plugin.stats import RoutingStats
+
+    engines = [RoutingStats(2, BlockShape(hidden=128, intermediate=256, num_heads=4,
+                                          num_kv_heads=2, head_dim=32)) for _ in range(2)]
+    engines[0].count_prompt_logprobs_dense("old", None)  # before the baseline
+    reg = CollectorRegistry()
+    m = FTPMetrics(2, registry=reg)
+
+    async def call_all(utility, method, timeout, args, kwargs):
+        return [[e.snapshot(drain_requests=True)] for e in engines]
+
+    class Client:
+        engine_core = type("Core", (), {"call_utility_all_async": staticmethod(call_all)})()
+
+    async def go():
+        p = StatsPoller(engine_stats_rpc(Client()), m)
+        await p.poll(count=False)
+        for rid, extra in [("a", None), ("a", None), ("b", {}), ("c", {"ftp_sparsity": 0.2}),
+                           ("d", {"ftp_sparsity": None})]:
+            engines[0].count_prompt_logprobs_dense(rid, extra)
+        engines[1].count_prompt_logprobs_dense("e", {"other": 1})
+        await p.poll()
+        return p
+
+    p = asyncio.run(go())
+    assert engines[0].prompt_logprobs_dense_requests == 3  # old, a, b
+    assert value(reg, "ftp_prompt_logprobs_dense_requests_total") == 2 + 1
+    assert p.last["prompt_logprobs_dense_requests"] == 4
+
+
 def test_engine_stats_rpc_without_several_engines():
     """A client without call_utility_all_async (one engine): its collective_rpc, wrapped."""
     seen = []

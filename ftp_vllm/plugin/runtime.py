@@ -180,6 +180,8 @@ class RoutingRuntime:
                     # The server refuses these with HTTP 400; an offline caller gets dense.
                     self._warn_once(f"bad:{rid}", f"request {rid}: {e}; serving it dense")
                     s = 0.0
+                if wants and self.default_sparsity > 0:  # dense unless it set its own target
+                    self.stats.count_prompt_logprobs_dense(rid, extra)
             cache[rid] = s
             sparsity[i] = s
         self._req_cache = cache

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ftp_vllm.contract import SPARSITY_KEY
 from ftp_vllm.flops import BlockShape
 
 MAX_REQUEST_RECORDS = 10_000
@@ -38,6 +39,8 @@ class RoutingStats:
         self.routed_flops = 0.0  # FLOP model, as routed
         self.metadata_builds = 0
         self.unaligned_tokens = 0  # window routing: prompt tokens run dense, window split
+        self.prompt_logprobs_dense_requests = 0  # dense: prompt logprobs, no target of its own
+        self._logprobs_dense_ids: dict[str, None] = {}  # counted once each (preemption)
         self._open: dict[str | None, dict[str, Any]] = {}  # requests still in prefill
         self._open_masks: dict[str, np.ndarray] = {}
         self.requests: deque[dict[str, Any]] = deque(maxlen=MAX_REQUEST_RECORDS)
@@ -111,6 +114,18 @@ class RoutingStats:
                 "skipped_per_layer": (rec["prompt_tokens"] - kept).tolist(),
             })
 
+    def count_prompt_logprobs_dense(self, req_id: str, extra_args: Any) -> None:
+        """Count a request that asks for prompt log-probabilities while the default target is
+        above 0: unless it sets ``ftp_sparsity`` itself it is served dense
+        (``contract.request_sparsity``). Once per request id, so a preempted request that
+        comes back is not counted again."""
+        if (extra_args and SPARSITY_KEY in extra_args) or req_id in self._logprobs_dense_ids:
+            return
+        self._logprobs_dense_ids[req_id] = None
+        if len(self._logprobs_dense_ids) > MAX_REQUEST_RECORDS:
+            self._logprobs_dense_ids.pop(next(iter(self._logprobs_dense_ids)))
+        self.prompt_logprobs_dense_requests += 1
+
     def snapshot(self, drain_requests: bool = False) -> dict[str, Any]:
         out = {
             "steps": self.steps,
@@ -126,6 +141,7 @@ class RoutingStats:
             "flop_speedup": self.dense_flops / self.routed_flops if self.routed_flops else 1.0,
             "metadata_builds": self.metadata_builds,
             "unaligned_tokens": self.unaligned_tokens,
+            "prompt_logprobs_dense_requests": self.prompt_logprobs_dense_requests,
         }
         if drain_requests:
             out["requests"] = list(self.requests)

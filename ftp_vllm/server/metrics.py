@@ -55,6 +55,7 @@ logger = logging.getLogger("vllm.ftp_vllm.server")  # vLLM's handlers, one name
 
 SELF_BENCH_PREFIX = "ftp-selfbench-"
 MAX_RECENT = 4096
+LOGPROBS_DENSE = "prompt_logprobs_dense_requests"  # RoutingStats.snapshot key
 
 SPARSITY_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0,)
 SPEEDUP_BUCKETS = (1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
@@ -83,6 +84,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                             "and one token, mode dense or routed."),
     "ftp_stats_poll_errors_total": (
         "counter", (), "Failed reads of the workers' routing statistics."),
+    "ftp_prompt_logprobs_dense_requests_total": (
+        "counter", (), "Requests served dense because they ask for prompt log-probabilities "
+                       "and set no ftp_sparsity of their own."),
 }
 
 
@@ -111,6 +115,7 @@ class FTPMetrics:
         self.max_sparsity = make("ftp_max_sparsity")
         self.bench_seconds = make("ftp_self_benchmark_prefill_seconds")
         self.poll_errors = make("ftp_stats_poll_errors_total")
+        self.prompt_logprobs_dense = make("ftp_prompt_logprobs_dense_requests_total")
         for layer in range(num_layers):  # every series exists from the start (rate() works)
             self.skipped.labels(layer=str(layer))
             self.computed.labels(layer=str(layer))
@@ -290,6 +295,9 @@ class StatsPoller:
         if not count:
             return
         own_tokens = sum(int(r.get("prompt_tokens", 0)) for r in own)
+        # (the self-benchmark never asks for prompt logprobs: every one is a user request)
+        lp, lp_base = (int(s.get(LOGPROBS_DENSE, 0)) for s in (snap, last))
+        m.prompt_logprobs_dense.inc(lp - lp_base if lp >= lp_base else lp)
         m.prefill_tokens.inc(max(0, snap["routed_tokens"] - last["routed_tokens"] - own_tokens))
         n = min(m.num_layers, len(snap["skipped_per_layer"]))
         for layer in range(n):
