@@ -279,3 +279,39 @@ def test_methods_build_the_right_scorers(model, tmp_path):
         build_method("ftp", model, 0.3, artifact=tmp_path / "st")
     with pytest.raises(ValueError, match="outside"):
         build_method("static", model, 0.5, artifact=tmp_path / "art")
+
+
+def test_window_method_routes_aligned_windows(model, tmp_path):
+    """--method window: the artifact's router and schedule over its windows (the served
+    configuration); each method refuses the other mode's artifact; FLOPs count attention over
+    prompt positions, not positions inside a window."""
+    L = model.config.num_hidden_layers
+    sched = SparsitySchedule({0.3: [0.1, 0.5, 0.4, 0.2]}, L)
+    fp = model_fingerprint(model.config, model.model.norm.weight)
+    RouterArtifact("static", sched, fp, StaticRouter(), window=8).save(tmp_path / "win")
+    RouterArtifact("mlp", sched, fp, _mlp_router()).save(tmp_path / "exact")
+    win = build_method("window", model, 0.3, artifact=tmp_path / "win")
+    assert win.scorer.window == 8 and win.info["window"] == 8
+    assert win.info["router_artifact"]["routing"] == "window"
+    assert win.info["block_sparsity"] == pytest.approx([0.1, 0.5, 0.4, 0.2])
+    with pytest.raises(ValueError, match="window-routing artifact"):
+        build_method("window", model, 0.3, artifact=tmp_path / "exact")
+    with pytest.raises(ValueError, match="exact"):
+        build_method("ftp", model, 0.3, artifact=tmp_path / "win")
+    with pytest.raises(ArtifactError, match="smollm2-135m-instruct-window"):  # the default
+        build_method("window", model, 0.3)
+
+    ids = torch.randint(1, 128, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    win.scorer.logprobs([(ids[:30], ids[30:])])
+    blocks = sched.blocks(0.3)
+    out = routed_forward(model, torch.tensor(ids), router=StaticRouter(), block_sparsity=blocks,
+                         window=8)
+    exact = routed_forward(model, torch.tensor(ids), router=StaticRouter(),
+                           block_sparsity=blocks)
+    assert not torch.equal(out.keep, exact.keep)  # the windows change the decisions
+    shape = BlockShape.from_config(model.config)
+    pos = torch.arange(40)
+    dense_keep = torch.ones(L, 40, dtype=torch.bool)
+    want = prefill_flops(shape, out.keep, pos) / prefill_flops(shape, dense_keep, pos)
+    assert win.scorer.stats.sparsity == pytest.approx(1 - out.keep.float().mean().item())
+    assert win.scorer.stats.flop_fraction == pytest.approx(want)

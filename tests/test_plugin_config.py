@@ -83,6 +83,8 @@ def test_request_sparsity_parsing():
 
 @pytest.mark.slow
 def test_routed_config_switches_features_off_with_reasons(tiny_llama_dir, artifact, monkeypatch):
+    """Exact routing (an artifact without window routing) switches chunked prefill and prefix
+    caching off and raises the token budget, saying why."""
     # Capture at the plugin's logger calls: vLLM reconfigures its log handlers and streams
     # between tests, which made a handler- or stream-based capture depend on test order.
     from ftp_vllm.plugin import config as plugin_config
@@ -109,6 +111,36 @@ def test_routed_config_switches_features_off_with_reasons(tiny_llama_dir, artifa
     assert "chunked prefill switched off" in text
     assert "prefix caching switched off" in text
     assert "runs eager" in text
+
+
+@pytest.mark.slow
+def test_window_routing_keeps_chunked_prefill_prefix_caching_and_budget(tiny_llama_dir,
+                                                                       fingerprint, tmp_path):
+    """A window-routing artifact keeps what exact routing switches off, and the token budget
+    asked for; its engine schedules with the window scheduler."""
+    from ftp_vllm.plugin.config import WINDOW_SCHEDULER
+
+    window = make_artifact(tmp_path / "window", fingerprint, window=16)
+    ov = routing_overrides(window, 0.3)
+    cfg = engine_config(tiny_llama_dir, ov, enable_chunked_prefill=True,
+                        enable_prefix_caching=True, max_num_batched_tokens=64)
+    assert cfg.model_config.architecture == "FTPLlamaForCausalLM"
+    assert cfg.scheduler_config.enable_chunked_prefill is True
+    assert cfg.cache_config.enable_prefix_caching is True
+    assert cfg.scheduler_config.max_num_batched_tokens == 64
+    assert cfg.scheduler_config.scheduler_cls == WINDOW_SCHEDULER
+    assert cfg.model_config.enforce_eager is True
+    # vLLM's defaults stay vLLM's defaults
+    routed, vanilla = engine_config(tiny_llama_dir, ov), engine_config(tiny_llama_dir, {})
+    assert routed.scheduler_config.max_num_batched_tokens == \
+        vanilla.scheduler_config.max_num_batched_tokens
+    assert routed.scheduler_config.enable_chunked_prefill is True
+    assert routed.cache_config.enable_prefix_caching is \
+        vanilla.cache_config.enable_prefix_caching
+    with pytest.raises(Exception) as info:  # noqa: B017  (pydantic wraps the ValueError)
+        engine_config(tiny_llama_dir, ov,
+                      scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    assert "drop --scheduler-cls" in str(info.value) and "window" in str(info.value)
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ class ReferenceScorer:
             out.append(picked[pos : pos + n_cont])
             pos += n_cont
         self.stats.prompts += len(prompts)
-        self._account(res.keep, res.layout.positions)
+        self._account(res.keep, res.layout.prompt_positions)  # windows: not in-window
         return out
 
     def _account(self, keep: Tensor, positions: Tensor) -> None:
