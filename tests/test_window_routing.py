@@ -3,7 +3,8 @@
 The point of the design is causality: a window's decisions depend only on the window and what
 precedes it, so a chunk or a prefix-cache hit that ends on a window boundary sees the same
 decisions as the whole prompt. These tests check the layout, the per-window top-k, the
-length-invariant skip count, and causality through the reference forward on a tiny model.
+length-invariant skip count, and causality through the reference forward on a tiny model;
+then (slow, CPU engine) that a prefix-cache hit gives what a cold run gives.
 """
 
 from __future__ import annotations
@@ -262,3 +263,114 @@ def test_greedy_generation_routes_the_prompt_in_windows(model, router):
     full = torch.cat([prompt, torch.tensor(res.tokens[:-1])])
     out = routed_forward(model, full, None, router, BLOCKS, routed_lengths=[27], window=W)
     assert out.logits[26:].argmax(-1).tolist() == res.tokens
+
+
+# ---------------------------------------------------------------- engine: warm == cold
+
+
+WARM_BUG = ("prefix-cache hit reuses blocks computed under another request's prompt end: "
+            "the window holding that prompt's always-kept last token, and its generated "
+            "tokens (run dense as decode); their K/V differ from a cold run's routed ones")
+
+
+@pytest.fixture(scope="module")
+def window_llm(tmp_path_factory, tiny_llama_dir):
+    pytest.importorskip("vllm")
+    from vllm import LLM
+
+    from ftp_vllm.artifact import folder_fingerprint, load_artifact
+    from ftp_vllm.plugin import routing_overrides
+    from tests.engine_helpers import engine_kwargs, shutdown
+    from tests.tiny_models import make_artifact
+
+    fp, hf = folder_fingerprint(tiny_llama_dir)
+    path = make_artifact(tmp_path_factory.mktemp("art") / "mlp-window", fp, kind="mlp",
+                         window=16)
+    llm = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(path, 0.3),
+              enable_chunked_prefill=True, enable_prefix_caching=True, **engine_kwargs())
+    yield llm, hf, load_artifact(path)
+    shutdown(llm)
+
+
+def _first_logprobs(llm, prompt, warm_with=None, max_tokens=1):
+    """Top-5 log-probabilities of the first generated token: from a cold cache, or after
+    `warm_with` ran (its prompt and generated tokens cached)."""
+    from vllm import SamplingParams
+
+    def sampling(n, logprobs=None):
+        return SamplingParams(max_tokens=n, temperature=0.0, logprobs=logprobs,
+                              detokenize=False, extra_args={"ftp_sparsity": 0.3},
+                              ignore_eos=True)
+
+    llm.reset_prefix_cache()
+    if warm_with is not None:
+        llm.generate([{"prompt_token_ids": warm_with}], sampling(max_tokens), use_tqdm=False)
+    out = llm.generate([{"prompt_token_ids": prompt}], sampling(1, 5), use_tqdm=False)[0]
+    assert (out.num_cached_tokens > 0) == (warm_with is not None)  # a hit only when warm
+    return {k: v.logprob for k, v in out.outputs[0].logprobs[0].items()}
+
+
+def _hit_unit(llm, window=16):
+    import math
+
+    return math.lcm(window, int(llm.llm_engine.vllm_config.cache_config.block_size))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_a_hit_of_interior_windows_equals_a_cold_run(window_llm):
+    """P's length is no multiple of the hit unit: the hit stops at a window boundary before
+    P's last token, so the cached blocks hold only interior windows: bit-exact."""
+    from tests.engine_helpers import random_prompt
+
+    llm, _, _ = window_llm
+    prompt = random_prompt(_hit_unit(llm) + 8, seed=3)
+    longer = prompt + random_prompt(40, seed=4)
+    assert _first_logprobs(llm, longer, warm_with=prompt) == _first_logprobs(llm, longer)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=WARM_BUG)
+def test_a_hit_ending_on_a_cached_prompts_last_window_equals_a_cold_run(window_llm):
+    """P fills whole hit units; P+Q reuses all of P, including the window where P's last
+    token was protected. Picked so that cold P+Q decides that window otherwise."""
+    from tests.engine_helpers import random_prompt
+
+    llm, hf, art = window_llm
+    blocks = art.schedule.blocks(0.3)
+    n = _hit_unit(llm)
+    for seed in range(20):
+        prompt = random_prompt(n, seed=seed)
+        longer = prompt + random_prompt(40, seed=100 + seed)
+        with torch.no_grad():
+            alone = routed_forward(hf, torch.tensor(prompt), None, art.router, blocks,
+                                   window=art.window).keep
+            within = routed_forward(hf, torch.tensor(longer), None, art.router, blocks,
+                                    window=art.window).keep[:, :n]
+        if not torch.equal(alone, within):
+            break
+    else:
+        pytest.fail("no prompt among 20 whose last window is decided otherwise")
+    assert _first_logprobs(llm, longer, warm_with=prompt) == _first_logprobs(llm, longer)
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=WARM_BUG)
+def test_a_second_chat_turn_equals_a_cold_run(window_llm):
+    """Turn 2 resends turn 1's prompt and reply: the cached block holding the end of the
+    prompt and the start of the reply (computed as decode, dense) must not be reused."""
+    from vllm import SamplingParams
+
+    from tests.engine_helpers import random_prompt
+
+    llm, _, _ = window_llm
+    n = _hit_unit(llm)
+    prompt = random_prompt(n - 28, seed=5)
+    gen = SamplingParams(max_tokens=60, temperature=0.0, detokenize=False,
+                         extra_args={"ftp_sparsity": 0.3}, ignore_eos=True)
+    reply = llm.generate([{"prompt_token_ids": prompt}], gen, use_tqdm=False)[0]
+    turn2 = prompt + list(reply.outputs[0].token_ids) + random_prompt(30, seed=6)
+    assert _first_logprobs(llm, turn2, warm_with=prompt, max_tokens=60) == \
+        _first_logprobs(llm, turn2)
