@@ -69,7 +69,7 @@ def test_sparsity_zero_equals_vanilla(setup):
 
 def test_routed_matches_reference(setup):
     llm, hf_model, artifact, prompts, _, tol = setup
-    outs, masks = run(llm, prompts, params())
+    outs, masks = run(llm, prompts, params(sparsity=SPARSITY))
     for prompt, out, mask in zip(prompts, outs, masks, strict=True):
         agree = check_against_reference(
             hf_model, artifact, prompt, out, mask, SPARSITY, *tol
