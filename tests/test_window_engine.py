@@ -166,3 +166,74 @@ def test_dense_requests_equal_vanilla_with_the_same_features(llm, tiny_llama_dir
     for w, g in zip(want, got, strict=True):
         assert w.outputs[0].token_ids == g.outputs[0].token_ids
         assert torch.equal(prompt_logprobs(w), prompt_logprobs(g))
+
+
+# ------------------------------------------------------------ SmolLM2, the served default
+TURN_TOKENS = 24
+ANSWER_TOKENS = 200  # the first answer fills the KV block holding the first prompt's tail
+
+
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def first_token_kl(a: dict, b: dict) -> float:
+    """KL(b || a) over b's top tokens (vLLM returns the top 20 log-probabilities), the rest
+    of the mass lumped together: a lower bound of the full KL, exact when both agree."""
+    import math
+
+    keys = list(b)
+    p = [math.exp(b[k].logprob) for k in keys]
+    q = [math.exp(a[k].logprob) if k in a else 1e-9 for k in keys]
+    rest_p, rest_q = max(1e-12, 1 - sum(p)), max(1e-12, 1 - sum(q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0) \
+        + rest_p * math.log(rest_p / rest_q)
+
+
+def test_multi_turn_warm_vs_cold():
+    """The second turn of a chat reuses the first turn's cached windows, but not the blocks
+    from the first prompt's last window on (decided by its last token; the answer ran dense):
+    served warm it equals the same turn computed cold (after reset_prefix_cache)."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from ftp_vllm.artifact import DEFAULT_ARTIFACT, load_artifact
+    from ftp_vllm.eval.heldout import heldout_passages
+    from tests.tiny_models import prepared_default_model
+
+    model_dir = prepared_default_model()
+    art = load_artifact(DEFAULT_ARTIFACT)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    llm = LLM(str(model_dir), hf_overrides=routing_overrides(DEFAULT_ARTIFACT, SPARSITY),
+              dtype="bfloat16", max_model_len=2048, seed=0)
+    cfg = llm.llm_engine.vllm_config
+    assert cfg.cache_config.enable_prefix_caching and cfg.scheduler_config.enable_chunked_prefill
+    greedy = SamplingParams(max_tokens=TURN_TOKENS, temperature=0.0, logprobs=20)
+    answer = SamplingParams(max_tokens=ANSWER_TOKENS, temperature=0.0, ignore_eos=True)
+    passages = heldout_passages()
+    kls, reused = [], 0
+    for i in range(4):
+        messages = [{"role": "user", "content": passages[2 * i] + "\n\nSummarize this."}]
+        turn1 = conversation_ids(tok, messages)
+        out1 = llm.generate([{"prompt_token_ids": turn1}], answer)[0].outputs[0]
+        messages += [{"role": "assistant", "content": out1.text},
+                     {"role": "user", "content": passages[2 * i + 1][:400] + "\n\nAnd this?"}]
+        turn2 = conversation_ids(tok, messages)
+        before = routed_tokens(llm)
+        warm = llm.generate([{"prompt_token_ids": turn2}], greedy)[0].outputs[0]
+        computed = routed_tokens(llm) - before
+        hit = len(turn2) - computed
+        # reuse stops before the first prompt's last window
+        assert hit <= (len(turn1) - 1) // art.window * art.window, (hit, len(turn1))
+        reused += hit > 0
+        llm.reset_prefix_cache()
+        cold = llm.generate([{"prompt_token_ids": turn2}], greedy)[0].outputs[0]
+        kls.append(first_token_kl(warm.logprobs[0], cold.logprobs[0]))
+        assert warm.token_ids == cold.token_ids
+        print(f"turn 2 of {len(turn2)} tokens, {len(turn2) - computed} reused (turn 1 prompt "
+              f"{len(turn1)}): KL(cold || warm) {kls[-1]:.4f}, first token equal "
+              f"{warm.token_ids[0] == cold.token_ids[0]}")
+    shutdown(llm)
+    assert reused >= 3, reused
+    assert max(kls) <= 1e-3, kls  # bf16 rounding of a chunked vs whole prefill, at most

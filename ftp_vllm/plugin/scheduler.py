@@ -9,7 +9,11 @@ as no step splits a window. vLLM's scheduler, with three changes for routed requ
   block-aligned split hook, used for Mamba models, is the place);
 - a prefix-cache hit is cut back to a window boundary;
 - the request's ``cache_salt`` gains its routing configuration (artifact, target), so cached
-  blocks are only shared by requests routed the same way, and never with dense ones.
+  blocks are only shared by requests routed the same way, and never with dense ones;
+- the blocks from the prompt's last window on (decided by the prompt's last token; generated
+  tokens run dense) get a key of their own that names that window, so only a request with the
+  same prompt end reuses them: a longer prompt continuing the same text (the next turn of a
+  chat) computes them as its own full windows, as a cold run would.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vllm.logger import init_logger
@@ -69,6 +74,10 @@ class _WindowScheduling:
         if request.request_id not in self.requests and self.ftp_target(request) > 0:
             salt = f"ftp-vllm:{self.ftp_key}:{self.ftp_target(request)!r}"
             request.cache_salt = f"{request.cache_salt}|{salt}" if request.cache_salt else salt
+            if request._block_hasher is not None:  # noqa: SLF001 (vLLM's Request holds it)
+                request._block_hasher = tail_keyed(
+                    request._block_hasher, int(self.hash_block_size), self.ftp_window,
+                    request.prompt_token_ids)
             request.block_hashes = []
             request.update_block_hashes()
         super().add_request(request)
@@ -125,6 +134,32 @@ class WindowScheduler:
         base = (_AsyncWindowScheduler if vllm_config.scheduler_config.async_scheduling
                 else _SyncWindowScheduler)
         return base(*args, **kwargs)
+
+
+def tail_keyed(hasher: Callable[[Any], list[bytes]], hash_block_size: int, window: int,
+               prompt: Sequence[int]) -> Callable[[Any], list[bytes]]:
+    """A request's block hasher whose blocks reaching past ``stable`` (the start of the
+    prompt's last window) are keyed by that window's tokens and the prompt length too.
+
+    Before ``stable`` a token's K/V depend only on the tokens up to its window's end, so a
+    block there is valid for any prompt that shares its tokens (vLLM's chained hash says
+    exactly that). From ``stable`` on they also depend on where the prompt ends: the last
+    window is decided by the prompt's last token, and generated tokens run dense. Parent
+    hashes chain, so every later block differs as well."""
+    n = len(prompt)
+    stable = (n - 1) // window * window
+    tail = hashlib.sha256(json.dumps([n, list(prompt[stable:])]).encode()).digest()
+
+    def keyed(request: Any) -> list[bytes]:
+        first = len(request.block_hashes)
+        out = []
+        for i, h in enumerate(hasher(request)):
+            if (first + i + 1) * hash_block_size > stable:
+                h = hashlib.sha256(bytes(h) + tail).digest()
+            out.append(h)
+        return out
+
+    return keyed
 
 
 def routing_key(artifact_path: Any, window: int) -> str:
