@@ -31,8 +31,10 @@ from typing import Any
 
 HEADLINE = {"piqa": "acc_norm", "hellaswag": "acc_norm", "arc_easy": "acc_norm",
             "arc_challenge": "acc_norm", "openbookqa": "acc_norm", "sciq": "acc_norm"}
-METHOD_ORDER = ["dense", "ftp", "static", "static-uniform", "random", "shortgpt"]
-METHOD_LABEL = {"dense": "dense", "ftp": "FTP (trained router, searched schedule)",
+METHOD_ORDER = ["dense", "window", "ftp", "static", "static-uniform", "random", "shortgpt"]
+METHOD_LABEL = {"dense": "dense",
+                "window": "window routing (served default: static scores, 128-token windows)",
+                "ftp": "FTP (trained router, searched schedule)",
                 "static": "static router, searched schedule",
                 "static-uniform": "static router, uniform schedule",
                 "random": "random routing", "shortgpt": "ShortGPT (layers dropped by BI)"}
@@ -159,7 +161,8 @@ def _ppl(x: float | None) -> str:
 def _method_cell(r: dict[str, Any]) -> str:
     m = r.get("method", "?")
     label = m
-    default = {"ftp": "searched", "static": "searched", "random": "uniform"}
+    default = {"window": "searched", "ftp": "searched", "static": "searched",
+               "random": "uniform"}
     if m in default and r.get("schedule") and r["schedule"] != default[m]:
         label += f" ({r['schedule']} schedule)"
     return label
@@ -416,8 +419,10 @@ next one from a less processed state, and the static router skips the same oldes
 every block), **ppl word** over the final word only (LAMBADA's own metric, read off the end
 of the prompt).
 
-Methods (`ftp-vllm eval --method`): **dense** (no routing); **ftp** (the trained MLP router
-with its searched per-block schedule, from the shipped artifact); **static** (FTP's
+Methods (`ftp-vllm eval --method`): **dense** (no routing); **window** (what `ftp-vllm
+serve` routes with by default: the shipped window artifact, decisions within aligned
+128-token windows, docs/ROUTER.md); **ftp** (the trained MLP router with its searched
+per-block schedule, exact routing over whole prompts, from the shipped artifact); **static** (FTP's
 training-free router: skips the oldest tokens after the first, searched schedule);
 **static-uniform** (the same router, every block at the target); **random** (the static
 router's token count per block, chosen at random, uniform schedule); **shortgpt** (the

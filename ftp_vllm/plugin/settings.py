@@ -44,7 +44,7 @@ def routing_settings(hf_config: Any) -> RoutingSettings:
     try:
         sparsity = artifact.schedule.validate(raw)
     except ValueError as e:
-        raise ValueError(f"hf_overrides['{SPARSITY_KEY}']: {e}") from None
+        raise ValueError(f"hf_overrides['{SPARSITY_KEY}']: {e} ({path})") from None
     return RoutingSettings(Path(path), sparsity, artifact)
 
 
