@@ -52,7 +52,7 @@ def generate(model_dir, art, prompts, tp: int, monkeypatch):
         tensor_parallel_size=tp, **engine_kwargs(),
     )
     llm.collective_rpc("ftp_record_masks")
-    outs, masks = run(llm, prompts, params())
+    outs, masks = run(llm, prompts, params(sparsity=SPARSITY))
     ranks = llm.collective_rpc("ftp_routing_stats")
     shutdown(llm)
     return outs, masks, ranks
