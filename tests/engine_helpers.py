@@ -118,7 +118,8 @@ def check_against_reference(
     got = prompt_logprobs(out)
     want = reference_logprobs(ref.prompt_logits, prompt)
     assert torch.allclose(got, want, atol=tol, rtol=rtol), (got - want).abs().max()
-    own = routed_forward(hf_model, torch.tensor(prompt), None, router.router, blocks)
+    own = routed_forward(hf_model, torch.tensor(prompt), None, router.router, blocks,
+                         window=getattr(router, "window", None))
     assert bool(own.keep[:, 0].all()) and bool(own.keep[:, -1].all())
     return (own.keep == mask).float().mean().item()
 
@@ -150,7 +151,7 @@ def check_routing_off(
 def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, float]:
     """Routed bf16 engine vs the float32 reference replaying its masks (BF16_* above);
     returns the realised token sparsity and how many prompts matched all greedy tokens."""
-    outs, masks = run(llm, prompts, params())
+    outs, masks = run(llm, prompts, params(sparsity=sparsity))
     pairs = agree = skipped = 0.0
     full_matches = 0
     blocks = artifact.schedule.blocks(sparsity)
@@ -196,15 +197,17 @@ def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> bool:
     return False
 
 
-def check_batch_invariance(llm, prompts, atol: float = 0.0, exact: bool = True) -> None:
-    """Each prompt alone gives the batch's decisions and tokens (logprobs within atol).
+def check_batch_invariance(llm, prompts, sparsity: float, atol: float = 0.0,
+                           exact: bool = True) -> None:
+    """Each prompt alone gives the batch's decisions and tokens (logprobs within atol), routed
+    at `sparsity` (set explicitly: prompt-logprob requests without a target run dense).
 
     exact=False (GPU kernels, whose bf16 rounding depends on the batch shape unless vLLM runs
     batch-invariant): decisions agree on >= BF16_DECISION_AGREEMENT of the pairs and prompt
     logprobs stay within the bf16 tolerance; tokens are not compared."""
-    batch, batch_masks = run(llm, prompts, params())
+    batch, batch_masks = run(llm, prompts, params(sparsity=sparsity))
     for i in (0, len(prompts) - 1):
-        alone, alone_masks = run(llm, [prompts[i]], params())
+        alone, alone_masks = run(llm, [prompts[i]], params(sparsity=sparsity))
         got, want = prompt_logprobs(alone[0]), prompt_logprobs(batch[i])
         if exact:
             assert torch.equal(alone_masks[0], batch_masks[i])

@@ -9,7 +9,9 @@ Per model, a vanilla engine and a routed engine, both in bfloat16:
   on the tested prompts, and the engine's decisions agree with the reference router's;
 - a request's output does not depend on what it is batched with.
 Models: the tiny random Llama with a random MLP router that mixes all four factors, and
-SmolLM2-135M-Instruct with the shipped trained MLP router (ftp_vllm/artifacts/) on text.
+SmolLM2-135M-Instruct on text with the shipped trained MLP router (``EXACT_ARTIFACT``, exact
+routing) and with the served default (``DEFAULT_ARTIFACT``: static scores, window routing,
+chunked prefill and prefix caching on).
 """
 
 from __future__ import annotations
@@ -55,12 +57,15 @@ def text_prompts(model_dir) -> list[list[int]]:
     return [tok(t)["input_ids"] for t in TEXTS]
 
 
-@pytest.fixture(scope="module", params=["tiny", "smollm2"])
+_VANILLA: dict[str, dict] = {}  # model folder -> vanilla results (shared by two artifacts)
+
+
+@pytest.fixture(scope="module", params=["tiny", "smollm2", "smollm2-window"])
 def setup(request, tmp_path_factory):
     """(routed bf16 engine, fp32 reference model, artifact, prompts, vanilla results)."""
     from vllm import LLM
 
-    from ftp_vllm.artifact import DEFAULT_ARTIFACT, load_artifact
+    from ftp_vllm.artifact import DEFAULT_ARTIFACT, EXACT_ARTIFACT, load_artifact
 
     if request.param == "tiny":
         model_dir = request.getfixturevalue("tiny_llama_dir")
@@ -70,18 +75,29 @@ def setup(request, tmp_path_factory):
     else:
         model_dir = prepared_default_model()
         _, hf_model = folder_fingerprint(model_dir)
-        art = DEFAULT_ARTIFACT  # the shipped trained MLP router
+        # the shipped trained MLP router (exact), or the served default (window routing)
+        art = EXACT_ARTIFACT if request.param == "smollm2" else DEFAULT_ARTIFACT
         prompts = text_prompts(model_dir)
     artifact = load_artifact(art)
-    assert artifact.kind == "mlp"
-    vanilla = {
-        "default": vanilla_results(model_dir, prompts, dtype="bfloat16"),
-        "eager": vanilla_results(model_dir, prompts, dtype="bfloat16", enforce_eager=True),
-    }
+    if request.param == "smollm2-window":
+        assert artifact.mode == "window"
+    else:
+        assert artifact.kind == "mlp" and artifact.mode == "exact"
+    key = str(model_dir)
+    if key not in _VANILLA:
+        _VANILLA[key] = {
+            "default": vanilla_results(model_dir, prompts, dtype="bfloat16"),
+            "eager": vanilla_results(model_dir, prompts, dtype="bfloat16", enforce_eager=True),
+        }
+    vanilla = _VANILLA[key]
     llm = LLM(
         str(model_dir), hf_overrides=routing_overrides(art, SPARSITY),
         **engine_kwargs(dtype="bfloat16"),
     )
+    if artifact.mode == "window":  # the served configuration keeps vLLM's features
+        cfg = llm.llm_engine.vllm_config
+        assert cfg.scheduler_config.enable_chunked_prefill
+        assert cfg.cache_config.enable_prefix_caching
     llm.collective_rpc("ftp_record_masks")
     yield llm, hf_model, artifact, prompts, vanilla
     shutdown(llm)
@@ -102,4 +118,4 @@ def test_routed_matches_fp32_reference_within_bf16_tolerance(setup):
 
 def test_batch_invariance_bf16(setup):
     llm, _, _, prompts, _ = setup
-    check_batch_invariance(llm, prompts, atol=BF16_ATOL)
+    check_batch_invariance(llm, prompts, SPARSITY, atol=BF16_ATOL)

@@ -113,7 +113,7 @@ def test_routed_matches_reference(setup):
 
 def test_batch_invariance(setup):
     _, llm, _, _, prompts, _ = setup
-    check_batch_invariance(llm, prompts, exact=False)
+    check_batch_invariance(llm, prompts, SPARSITY, exact=False)
 
 
 def test_many_runs_and_changing_masks(setup):
@@ -122,7 +122,7 @@ def test_many_runs_and_changing_masks(setup):
     the CPU engine with this model: 36-52 runs per layer, 4 distinct masks.)"""
     _, llm, _, _, prompts, _ = setup
     llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
-    (out,), (mask,) = run(llm, [prompts[-1]], params())
+    (out,), (mask,) = run(llm, [prompts[-1]], params(sparsity=SPARSITY))
     stats = llm.collective_rpc("ftp_routing_stats")[0]
     m = mask.int()
     runs_per_layer = ((m[:, 1:] - m[:, :-1]) == 1).sum(1) + 1  # runs of kept tokens
