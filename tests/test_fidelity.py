@@ -84,6 +84,33 @@ def test_routed_matching_length_equals_greedy_generation(model):
     assert min(matches) < NEW_TOKENS  # the comparison is not vacuous
 
 
+def test_window_method_measures_window_routing(model, tmp_path):
+    """--method window (the served configuration): the routed continuation is window
+    routing's, token for token as the oracle decodes it, and differs from whole-prompt
+    routing with the same router and schedule."""
+    from ftp_vllm.artifact import RouterArtifact, model_fingerprint
+    from ftp_vllm.routing.schedule import SparsitySchedule
+
+    L = model.config.num_hidden_layers
+    fp = model_fingerprint(model.config, model.model.norm.weight)
+    sched = SparsitySchedule.uniform([0.5], L)
+    RouterArtifact("static", sched, fp, StaticRouter(), window=16).save(tmp_path / "win")
+    s = build_method("window", model, 0.5, artifact=tmp_path / "win").scorer
+    blocks = sched.blocks(0.5)
+    differs = 0
+    for prompt in _prompts(4):
+        ref = dense_reference(model, prompt, NEW_TOKENS)
+        row = measure(s.model, ref, 64, s.router, s.block_sparsity, s.dense_num_layers,
+                      s.window)
+        routed = greedy_generate(model, torch.tensor(prompt), NEW_TOKENS, StaticRouter(),
+                                 blocks, window=16)
+        assert row.match == first_mismatch(routed.tokens, ref.continuation)
+        assert row.sparsity == pytest.approx(routed.sparsity)
+        exact = measure(model, ref, 64, StaticRouter(), blocks)
+        differs += exact.kept_token_blocks != row.kept_token_blocks or exact.kl != row.kl
+    assert differs > 0  # the window is not ignored
+
+
 def test_shortgpt_sparsity_counts_removed_blocks(model):
     """Realized sparsity is measured against the dense block count (methods.py's ShortGPT)."""
     calib = [p[:30] for p in _prompts(3)]
