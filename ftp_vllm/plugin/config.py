@@ -62,12 +62,11 @@ class FTPRoutingConfig:
         else:
             _serve_whole_prompts(vllm_config)
         if not model_config.enforce_eager:
-            logger.warning(
-                "FTP routing: the routed model runs eager (enforce_eager=True). Routed "
-                "blocks gather a data-dependent number of tokens per layer, which vLLM's "
-                "trace-once torch.compile cannot specialise; vanilla models keep compiling."
+            logger.info(
+                "FTP routing: steps that route prompt tokens run eager (a data-dependent "
+                "number of kept tokens per layer does not trace); every other step (decode, "
+                "dense requests) runs vLLM's compiled model."
             )
-            model_config.enforce_eager = True
         _use_v1_model_runner()
         pc = vllm_config.parallel_config
         if not pc.worker_extension_cls:

@@ -8,7 +8,10 @@ A routed layer, on a step with prompts to route:
   -> o_proj, post-attention norm and MLP for kept tokens only
   -> scatter back: skipped rows return (0, residual), so vLLM's next fused add passes their
      hidden state through bit-exactly.
-Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code.
+Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code,
+compiled as vLLM compiles it (torch.compile; CUDA graphs on a GPU): the model's forward asks
+the routing runtime first and runs a step eager (the forward context's ``skip_compiled``) only
+when it routes, since a data-dependent number of kept tokens per layer does not trace.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ftp_vllm.plugin.settings import routing_settings
 from ftp_vllm.plugin.vllm_internals import (
     attend,
     init_qwen2_for_causal_lm,
+    skip_compiled,
     write_kv,
     writes_kv_in_forward,
 )
@@ -49,6 +53,8 @@ class RoutedLayerMixin:
         self.ftp_last = self.ftp_layer == num_layers - 1
 
     def forward(self, positions, hidden_states, residual, **kwargs):
+        if torch.compiler.is_compiling():  # the traced (dense) graph: vLLM's own layer
+            return super().forward(positions, hidden_states, residual, **kwargs)
         runtime = get_runtime()
         plan = runtime.plan(hidden_states.shape[0]) if runtime is not None else None
         if plan is None:
@@ -131,6 +137,14 @@ class FTPQwen2DecoderLayer(RoutedLayerMixin, Qwen2DecoderLayer):
 
 class RoutedModelMixin:
     """Artifact loading, fingerprint check and runtime set-up shared by the routed models."""
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        """A step that routes runs eager (vLLM's compiled model would run it dense); every
+        other step takes vLLM's compiled path."""
+        runtime = get_runtime()
+        if runtime is not None and runtime.plan(positions.shape[-1]) is not None:
+            skip_compiled()
+        return super().forward(input_ids, positions, *args, **kwargs)
 
     def _ftp_setup(self, vllm_config: VllmConfig) -> None:
         hf_config = vllm_config.model_config.hf_config

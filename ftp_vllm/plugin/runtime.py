@@ -221,10 +221,12 @@ class RoutingRuntime:
         step = self._step_metadata
         num_reqs = int(step.num_reqs)
         query_start = step.query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-        if int(query_start[-1]) != num_tokens:
+        if int(query_start[-1]) > num_tokens:
             self._warn_once(
                 "tokens", f"metadata covers {query_start[-1]} of {num_tokens} tokens")
             return None
+        # Tokens past query_start[-1] pad the step to a captured size (CUDA graphs): they
+        # belong to no request, run no block and pass through.
         info = self._req_info
         if info is None or len(info.req_ids) != num_reqs:
             self._warn_once("info", "request info does not match the batch; step served dense")
@@ -320,7 +322,7 @@ class RoutingRuntime:
         plan.keeps[layer] = keep_np
         if keep_np.all():
             return None
-        keep_all = np.ones(plan.num_tokens, dtype=bool)
+        keep_all = np.ones(len(plan.tok_req), dtype=bool)  # the step's real tokens
         keep_all[plan.routed_idx_np] = keep_np
         key = np.packbits(keep_all).tobytes()
         route = plan.routes.get(key)

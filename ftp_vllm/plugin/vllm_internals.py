@@ -149,6 +149,13 @@ def batch_requests(runner: Any, known: Container[str] = ()) -> BatchRequests:
     return BatchRequests(req_ids, batch.num_prompt_tokens[:n].copy(), extra, wants)
 
 
+def skip_compiled() -> None:
+    """Run this step's model forward eager: vLLM's compile decorator checks the forward
+    context's ``skip_compiled`` (set for encoder steps of encoder-decoder models) on every
+    call of the compiled module."""
+    forward_context().skip_compiled = True
+
+
 def forward_context() -> Any | None:
     """The current step's forward context (None outside a model forward)."""
     from vllm.forward_context import get_forward_context, is_forward_context_available
