@@ -155,7 +155,8 @@ def test_same_mode_flags_follow_the_routed_engine():
     compiled = engine_execution(CONFIG_LINE.format(eager=False, pc=True,
                                                    mode="DYNAMO_TRACE_ONCE"))
     assert compiled["compilation_mode"] == "DYNAMO_TRACE_ONCE"
-    assert same_mode_flags(compiled) == []  # routing compiled: the baseline is vanilla default
+    # a compiling routed engine still runs its routed prefill steps eager
+    assert same_mode_flags(compiled) == ["--enforce-eager"]
     assert engine_execution("no engine here") is None
     with pytest.raises(RuntimeError, match="enforce_eager"):
         same_mode_flags({"enforce_eager": None})
@@ -257,7 +258,8 @@ def test_serve_bench_every_server_and_workload_end_to_end(tmp_path):
     template), all servers (dense included) and all workloads, one round, token lengths / 4:
     every server x workload has positive throughput and TTFT, the routed runs route, the
     same-mode baseline runs what the routed engine runs, multi-turn resends its history, and
-    vanilla's prefix cache is hit where prompts share a prefix."""
+    vanilla's and the (window-)routed server's prefix caches are hit where prompts share a
+    prefix."""
     pytest.importorskip("vllm")
     from tests.tiny_models import make_router, make_tiny_chat_model
 
@@ -266,7 +268,8 @@ def test_serve_bench_every_server_and_workload_end_to_end(tmp_path):
 
     work = tmp_path
     model = make_tiny_chat_model(work / "tiny-chat", default_model_dir())
-    router = make_router(model, work / "router", kind="mlp", targets=(0.2, 0.4))
+    # window routing, as `ftp-vllm serve` routes by default: prefix caching stays on
+    router = make_router(model, work / "router", kind="mlp", targets=(0.2, 0.4), window=32)
     out = work / "serve_bench.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     r = subprocess.run(
@@ -307,8 +310,11 @@ def test_serve_bench_every_server_and_workload_end_to_end(tmp_path):
     assert runs[("vanilla-default", "multi-turn")]["completed"] == 16  # 4 chats x 4 turns
     turns = runs[("vanilla-default", "multi-turn")]["per_turn_prompt_tokens"]
     assert all(b > a + 32 for a, b in zip(turns, turns[1:], strict=False)), turns  # history resent
+    routed_exe = data["servers"]["routed"]["execution"]
+    assert routed_exe["enable_prefix_caching"] and routed_exe["enable_chunked_prefill"]
     for wl in ("shared-prefix", "multi-turn"):
         assert runs[("vanilla-default", wl)]["prefix_cache"]["hit_rate"] > 0, wl
+        assert runs[("routed", wl)]["prefix_cache"]["hit_rate"] > 0, wl  # window routing
     assert runs[("vanilla-default", "random-1024")]["prefix_cache"]["hit_rate"] == 0
     md = out.with_suffix(".md").read_text()
     assert "| shared-prefix: 16 prompts sharing a 192-token prefix" in md

@@ -10,9 +10,9 @@ server and round:
   prefill, compiled): what a user runs instead;
 - **vanilla-same-mode**: ``--no-routing`` plus ``same_mode_flags``: plain vLLM in the execution
   mode the routed engine really runs, read from the routed server's own engine-config log line
-  (``engine_execution``). Today the plugin forces ``enforce_eager``, so this is
-  ``--enforce-eager``; once routing compiles, the flags vanish and this baseline is vanilla
-  default (then it is not started twice);
+  (``engine_execution``). Steps that route prompt tokens run eager whatever the engine's
+  mode (the routed engine compiles only its other steps), so this is ``--enforce-eager``:
+  vanilla in the mode of routed prefill;
 - **routed**: ``ftp-vllm serve`` at its defaults (shipped router, target 0.3 unless
   ``--sparsity``);
 - **dense** (optional, ``--servers ... dense``): the routed server with requests asking
@@ -186,12 +186,13 @@ def engine_execution(log_text: str) -> dict[str, Any] | None:
 
 def same_mode_flags(execution: dict[str, Any]) -> list[str]:
     """THE place that turns the routed engine's execution mode into plain-vLLM flags: the
-    vanilla-same-mode baseline runs `--no-routing` plus these. Eager routed engine: vanilla
-    `--enforce-eager`; compiled routed engine: nothing (then it equals vanilla default)."""
+    vanilla-same-mode baseline runs `--no-routing` plus these. A routed engine runs the steps
+    that route eager even when it compiles the others (``plugin/models.py``), so the baseline
+    in the mode of routed prefill is vanilla `--enforce-eager` either way."""
     if execution.get("enforce_eager") is None:
         raise RuntimeError("the routed engine's config line has no enforce_eager=...: cannot "
                            "derive the same-mode baseline (vLLM changed its log format?)")
-    return ["--enforce-eager"] if execution["enforce_eager"] else []
+    return ["--enforce-eager"]
 
 
 def plan_servers(selected: Sequence[str], model: str, opts: argparse.Namespace,
