@@ -1,6 +1,7 @@
 """`ftp-vllm serve` with no model argument: the prepared SmolLM2-135M-Instruct and the shipped
-router (or, with a clear message, its static fallback or dense serving when the build has
-none), on 127.0.0.1. Passed: a free port and a short self-benchmark (the default one runs in
+router (window routing, with vLLM's chunked prefill and prefix caching on; or, with a clear
+message, its static fallback or dense serving when the build has none), on 127.0.0.1.
+Passed: a free port and a short self-benchmark (the default one runs in
 tests/test_e2e_main_job.py); vLLM's default max_model_len and no KV-cache size, so the
 server sizes its KV cache itself, as for a user."""
 
@@ -15,6 +16,7 @@ import pytest
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
+from ftp_vllm.artifact import load_artifact  # noqa: E402
 from ftp_vllm.plugin.memory import ENV_KV_SPACE  # noqa: E402
 from ftp_vllm.server.client import http_json, metric_sum, metric_value, scrape  # noqa: E402
 from ftp_vllm.server.process import ServerProcess  # noqa: E402
@@ -56,6 +58,12 @@ def test_default_serves_smollm2_with_the_shipped_router(server):
     assert "FTP routing on: router" in log
     for note in notes:  # the static fallback says so
         assert note[:60] in log
+    if load_artifact(router).mode == "window":  # the served default: vLLM's features stay on
+        assert "window routing over 128-token windows; chunked prefill on, prefix caching " \
+            "on" in log
+        assert "prefix caching switched off" not in log
+        assert "chunked prefill switched off" not in log
+        assert "max_num_batched_tokens raised" not in log
     text = scrape(server.url)
     assert metric_value(text, "ftp_target_sparsity") == stats["routing"]["default_sparsity"]
     assert metric_value(text, "ftp_measured_prefill_speedup") > 0
