@@ -125,7 +125,8 @@ def make_artifact(path: str | Path, fingerprint: dict[str, Any], kind: str = "st
 
 
 def make_router(model_dir: Path, path: Path, kind: str = "mlp",
-                targets: tuple[float, ...] = (0.2, 0.4)) -> Path:
-    """A router artifact for the checkpoint folder `model_dir`."""
+                targets: tuple[float, ...] = (0.2, 0.4), window: int | None = None) -> Path:
+    """A router artifact for the checkpoint folder `model_dir` (window routing over `window`
+    tokens, else exact)."""
     fingerprint, _ = folder_fingerprint(model_dir)
-    return make_artifact(path, fingerprint, kind=kind, targets=targets)
+    return make_artifact(path, fingerprint, kind=kind, targets=targets, window=window)
