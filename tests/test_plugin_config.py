@@ -90,13 +90,18 @@ def test_routed_config_switches_features_off_with_reasons(tiny_llama_dir, artifa
     from ftp_vllm.plugin import config as plugin_config
 
     said: list[str] = []
-    original = plugin_config.logger.warning
 
-    def warning(msg, *args, **kwargs):
-        said.append(msg % args if args else msg)
-        return original(msg, *args, **kwargs)
+    def capture(level: str):
+        original = getattr(plugin_config.logger, level)
 
-    monkeypatch.setattr(plugin_config.logger, "warning", warning)
+        def log(msg, *args, **kwargs):
+            said.append(msg % args if args else msg)
+            return original(msg, *args, **kwargs)
+
+        monkeypatch.setattr(plugin_config.logger, level, log)
+
+    capture("warning")
+    capture("info")
     cfg = engine_config(
         tiny_llama_dir, routing_overrides(artifact, 0.3),
         enable_chunked_prefill=True, enable_prefix_caching=True, max_num_batched_tokens=64,
@@ -105,12 +110,12 @@ def test_routed_config_switches_features_off_with_reasons(tiny_llama_dir, artifa
     assert cfg.scheduler_config.enable_chunked_prefill is False
     assert cfg.cache_config.enable_prefix_caching is False
     assert cfg.scheduler_config.max_num_batched_tokens >= 512
-    assert cfg.model_config.enforce_eager is True
+    assert cfg.model_config.enforce_eager is False  # only steps that route run eager
     assert cfg.parallel_config.worker_extension_cls.endswith("FTPWorkerExtension")
     text = "\n".join(said)
     assert "chunked prefill switched off" in text
     assert "prefix caching switched off" in text
-    assert "runs eager" in text
+    assert "steps that route prompt tokens run eager" in text
 
 
 @pytest.mark.slow
@@ -129,7 +134,7 @@ def test_window_routing_keeps_chunked_prefill_prefix_caching_and_budget(tiny_lla
     assert cfg.cache_config.enable_prefix_caching is True
     assert cfg.scheduler_config.max_num_batched_tokens == 64
     assert cfg.scheduler_config.scheduler_cls == WINDOW_SCHEDULER
-    assert cfg.model_config.enforce_eager is True
+    assert cfg.model_config.enforce_eager is False  # only steps that route run eager
     # vLLM's defaults stay vLLM's defaults
     routed, vanilla = engine_config(tiny_llama_dir, ov), engine_config(tiny_llama_dir, {})
     assert routed.scheduler_config.max_num_batched_tokens == \
