@@ -3,7 +3,9 @@
 One vanilla engine (vLLM's default compilation mode) and one routed engine (MLP router with
 random weights that mix all four factors), both on a tiny random Llama. The routed engine is
 started asking for chunked prefill (with a 64-token step budget) and prefix caching, which
-the plugin must switch off.
+the plugin must switch off for this exact-routing artifact (window routing keeps them:
+tests/test_window_engine.py). Routed requests set ftp_sparsity: a request asking for prompt
+log-probabilities without one is served dense.
 """
 
 from __future__ import annotations
@@ -97,8 +99,22 @@ def test_sparsity_zero_equals_vanilla(llm, prompts, vanilla_outputs):
         assert torch.allclose(prompt_logprobs(out), lps, atol=1e-5, rtol=0)
 
 
+def test_prompt_logprobs_without_a_target_run_dense(llm, prompts, vanilla_outputs):
+    """A request asking for prompt log-probabilities without ftp_sparsity is served dense
+    (vanilla's output); without prompt log-probabilities it is routed at the default target."""
+    outs, masks = run(llm, prompts, params(sparsity=None))
+    assert all(m is None for m in masks)
+    for (tokens, lps), out in zip(vanilla_outputs, outs, strict=True):
+        assert list(out.outputs[0].token_ids) == tokens
+        assert torch.allclose(prompt_logprobs(out), lps, atol=1e-5, rtol=0)
+    _, default = run(llm, prompts, params(sparsity=None, prompt_logprobs=None))
+    _, explicit = run(llm, prompts, params(sparsity=SPARSITY, prompt_logprobs=None))
+    for p, a, b in zip(prompts, default, explicit, strict=True):
+        assert a is not None and a.shape == (4, len(p)) and torch.equal(a, b)
+
+
 def test_routed_batch_matches_reference(llm, hf, router, prompts):
-    outs, masks = run(llm, prompts, params())
+    outs, masks = run(llm, prompts, params(sparsity=SPARSITY))
     agree = []
     for prompt, out, mask in zip(prompts, outs, masks, strict=True):
         assert mask is not None and mask.shape == (4, len(prompt))
@@ -112,9 +128,9 @@ def test_routed_batch_matches_reference(llm, hf, router, prompts):
 
 
 def test_batch_invariance(llm, prompts):
-    batch, batch_masks = run(llm, prompts, params())
+    batch, batch_masks = run(llm, prompts, params(sparsity=SPARSITY))
     for i in (1, 3):
-        alone, alone_masks = run(llm, [prompts[i]], params())
+        alone, alone_masks = run(llm, [prompts[i]], params(sparsity=SPARSITY))
         assert list(alone[0].outputs[0].token_ids) == list(batch[i].outputs[0].token_ids)
         assert torch.equal(alone_masks[0], batch_masks[i])
         assert torch.allclose(
@@ -139,7 +155,7 @@ def test_shared_prefix_prompts(llm, hf, router):
     prefix = random_prompt(96, seed=7)
     prompts = [prefix + random_prompt(9, seed=8), prefix + random_prompt(21, seed=9)]
     for p in prompts:  # one after the other: a prefix cache would hit on the second
-        (out,), (mask,) = run(llm, [p], params())
+        (out,), (mask,) = run(llm, [p], params(sparsity=SPARSITY))
         check_against_reference(hf[1], router, p, out, mask, SPARSITY)
 
 
@@ -147,11 +163,11 @@ def test_mixed_prefill_and_decode_steps(llm, hf, router, prompts):
     """A prompt arriving while others decode shares their steps and still matches."""
     engine = llm.llm_engine
     llm.collective_rpc("ftp_pop_masks")
-    engine.add_request("a", {"prompt_token_ids": prompts[2]}, params())
+    engine.add_request("a", {"prompt_token_ids": prompts[2]}, params(sparsity=SPARSITY))
     engine.step()  # prefill of a
     engine.step()  # a decodes
-    engine.add_request("b", {"prompt_token_ids": prompts[4]}, params())
-    engine.add_request("c", {"prompt_token_ids": prompts[1]}, params())
+    engine.add_request("b", {"prompt_token_ids": prompts[4]}, params(sparsity=SPARSITY))
+    engine.add_request("c", {"prompt_token_ids": prompts[1]}, params(sparsity=SPARSITY))
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -164,7 +180,7 @@ def test_mixed_prefill_and_decode_steps(llm, hf, router, prompts):
 
 def test_routing_stats(llm, prompts):
     llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
-    run(llm, prompts[:3], params())
+    run(llm, prompts[:3], params(sparsity=SPARSITY))
     stats = llm.collective_rpc("ftp_routing_stats", kwargs={"drain_requests": True})[0]
     assert stats["routed_requests"] == 3
     assert stats["routed_tokens"] == sum(len(p) for p in prompts[:3])
@@ -199,12 +215,12 @@ def test_split_attention_and_cache_policy(llm, hf, router, prompts, reusable):
     stats = "ftp_routing_stats"
     for i in (3, 4):  # 97 and 150 tokens: many runs of kept tokens per layer
         llm.collective_rpc(stats, kwargs={"reset": True})
-        (whole,), (mask,) = run(llm, [prompts[i]], params())
+        (whole,), (mask,) = run(llm, [prompts[i]], params(sparsity=SPARSITY))
         builds_whole = llm.collective_rpc(stats)[0]["metadata_builds"]
         assert llm.collective_rpc("ftp_set_subset_policy", args=(2, reusable)) == [True]
         try:
             llm.collective_rpc(stats, kwargs={"reset": True})
-            (split,), (split_mask,) = run(llm, [prompts[i]], params())
+            (split,), (split_mask,) = run(llm, [prompts[i]], params(sparsity=SPARSITY))
             builds_split = llm.collective_rpc(stats)[0]["metadata_builds"]
         finally:
             llm.collective_rpc("ftp_set_subset_policy")
