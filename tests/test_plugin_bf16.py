@@ -2,8 +2,8 @@
 
 Per model, a vanilla engine and a routed engine, both in bfloat16:
 - routing off (sparsity 0) equals vanilla exactly: token ids and prompt logprobs bit for bit
-  against vanilla in eager mode (the same kernels; routed engines run eager), token ids
-  against vanilla in its default mode;
+  against vanilla at its defaults (steps with nothing to route run vLLM's compiled model),
+  token ids against vanilla in eager mode;
 - routed equals the float32 reference forward (the oracle) replaying the engine's keep masks
   within the bf16 tolerance of ``tests/engine_helpers.py`` (BF16_*), with equal greedy tokens
   on the tested prompts, and the engine's decisions agree with the reference router's;
