@@ -266,9 +266,6 @@ class RoutingRuntime:
                 tokens.routed_prompt, self.window, device=device)
         tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
         block_sparsity = torch.stack(blocks).to(device)[tok_routed].T.contiguous()  # [L, Tr]
-        prompt_pos = np.repeat(tokens.routed_starts - np.cumsum(tokens.routed_lens)
-                               + tokens.routed_lens, tokens.routed_lens)
-        prompt_pos = prompt_pos + np.arange(len(tokens.routed_idx))
         return StepPlan(
             num_tokens=num_tokens,
             req_ids=info.req_ids,
@@ -280,7 +277,7 @@ class RoutingRuntime:
             routed_target=targets,
             routed_lens=tokens.routed_lens,
             routed_prompt=tokens.routed_prompt,
-            prompt_pos=prompt_pos,
+            prompt_pos=tokens.tok_pos[tokens.routed_idx],
             completing=completing,
             tok_req=tokens.tok_req,
             tok_pos=tokens.tok_pos,

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from vllm.logger import init_logger
@@ -165,8 +166,6 @@ def tail_keyed(hasher: Callable[[Any], list[bytes]], hash_block_size: int, windo
 def routing_key(artifact_path: Any, window: int) -> str:
     """A short digest of the artifact's files and window: the prefix-cache key part that
     keeps requests routed by different artifacts apart."""
-    from pathlib import Path
-
     h = hashlib.sha256(json.dumps({"window": window}).encode())
     root = Path(artifact_path)
     for path in sorted(p for p in root.iterdir() if p.is_file()):
