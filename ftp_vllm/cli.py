@@ -25,7 +25,7 @@ COMMAND_MODULES: list[str] = [
     "ftp_vllm.eval.command",  # eval
     "ftp_vllm.eval.fidelity_command",  # fidelity
     "ftp_vllm.report",  # report
-    "ftp_vllm.bench.prefill",  # bench prefill
+    "ftp_vllm.bench.command",  # bench prefill | profile
     "ftp_vllm.cli",  # demo (below)
     "ftp_vllm.server.command",  # serve
     "ftp_vllm.bench.serve",  # serve-bench

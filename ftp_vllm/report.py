@@ -309,6 +309,13 @@ def bench_section(results: list[dict[str, Any]]) -> str:
     return markdown_section(results)
 
 
+@register_section("profile")
+def profile_section(results: list[dict[str, Any]]) -> str:
+    from ftp_vllm.bench.profile import markdown_section
+
+    return markdown_section(results)
+
+
 @register_section("serve-bench")
 def serve_bench_section(results: list[dict[str, Any]]) -> str:
     from ftp_vllm.bench.serve import markdown_section
@@ -453,10 +460,18 @@ below it are rounding, not routing.
 <!-- BEGIN GENERATED: fidelity -->
 <!-- END GENERATED: fidelity -->
 
-## Prefill benchmark (vLLM engine, vanilla vs routed, same run)
+## Prefill benchmark (vLLM engine, plain vLLM at its defaults vs routed, alternating rounds)
 
 <!-- BEGIN GENERATED: bench -->
 <!-- END GENERATED: bench -->
+
+## Prefill profile (`ftp-vllm bench profile`: where one prefill's time goes)
+
+Milliseconds of one prefill by kind of work (torch profiler, engine in one process;
+docs/PERFORMANCE.md explains the split and what it says).
+
+<!-- BEGIN GENERATED: profile -->
+<!-- END GENERATED: profile -->
 
 ## Serving benchmark (`ftp-vllm serve-bench`: routed vs plain vLLM)
 
@@ -489,6 +504,9 @@ def write_report(results_dir: Path, output: Path, plot: Path | None) -> tuple[Pa
     document = output.read_text() if output.exists() else TEMPLATE
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render(document, results))
+    performance = output.parent / "PERFORMANCE.md"  # its tables come from the same results
+    if performance.exists():
+        performance.write_text(render(performance.read_text(), results))
     png = plot_retention(results, plot) if plot is not None else None
     return output, png
 

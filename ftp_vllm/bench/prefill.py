@@ -1,20 +1,25 @@
-"""`ftp-vllm bench prefill`: vanilla vLLM vs routed vLLM, same model, prompts and run.
+"""`ftp-vllm bench prefill`: plain vLLM vs routed vLLM, same model, prompts, machine and run.
 
-Vanilla runs in vLLM's default mode (compiled), the routed engine as the plugin configures it
-(eager). Prefix caching is off in both and every repeat uses fresh random prompts, so no
-prefix-cache hit fakes a speedup. One routed engine serves every sparsity through the
-per-request target. Prefill is timed as generation of one token; decode as the extra time of
-`--decode-tokens` tokens over that. Beside each measured ratio: the FLOP-model ideal speedup
-of the same requests (from the plugin's statistics).
+Plain vLLM runs at its defaults (compiled, prefix caching and chunked prefill on); the routed
+engine as `ftp-vllm serve` runs it (the shipped artifact's routing mode and vLLM's defaults).
+Both engines stay up for the whole run and are timed in alternating rounds (the order flips
+every round), so drift of the machine hits both alike; each point reports the median over
+rounds of the per-round ratio and its spread (min-max). Every timed batch uses fresh random
+prompts, so no prefix-cache hit fakes a speedup. One routed engine serves every sparsity
+through the per-request target. Prefill is timed as generation of one token; decode as the
+extra time of `--decode-tokens` tokens over that. Beside each measured ratio: the FLOP-model
+ideal speedup of the same requests (from the plugin's statistics).
 
-    ftp-vllm bench prefill --router static --lengths 512 1024 2048
+    ftp-vllm bench prefill --lengths 512 1024 2048 --rounds 3
     python -m ftp_vllm.bench.prefill prefill ...
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -26,9 +31,7 @@ DEFAULT_LENGTHS = (512, 1024, 2048)
 KIND = "bench-prefill"  # results files of this kind feed docs/RESULTS.md
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks of routed vs vanilla vLLM")
-    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prefill", help="prefill (and decode) throughput, vanilla vs routed")
     p.add_argument("--model", default=None, help="HF folder (default: the prepared SmolLM2)")
     p.add_argument(
@@ -38,10 +41,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--sparsities", type=float, nargs="+", default=list(DEFAULT_SPARSITIES))
     p.add_argument("--lengths", type=int, nargs="+", default=list(DEFAULT_LENGTHS))
-    p.add_argument("--prompts", type=int, default=4, help="prompts per batch")
-    p.add_argument("--repeats", type=int, default=2, help="timed batches per point")
-    p.add_argument("--decode-tokens", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--prompts", type=int, default=1, help="prompts per timed batch")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds (each times every point once per engine)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="bfloat16", help="served dtype (default bfloat16)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.set_defaults(func=_cmd_prefill)
 
@@ -79,18 +83,22 @@ def _time(llm: Any, prompts: list, params: Any) -> float:
 
 
 def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None):
+    """An offline engine at vLLM's defaults (prefix caching, chunked prefill, compiled)."""
     from vllm import LLM
 
     from ftp_vllm.plugin.memory import llm_kv_kwargs
 
     kw: dict[str, Any] = dict(
-        dtype=dtype, max_model_len=max_len, enable_prefix_caching=False, seed=0,
-        skip_tokenizer_init=True,
+        dtype=dtype, max_model_len=max_len, seed=0, skip_tokenizer_init=True,
         **llm_kv_kwargs(model_dir, dtype=dtype, max_model_len=max_len),
     )
     if hf_overrides:
         kw["hf_overrides"] = hf_overrides
     return LLM(str(model_dir), **kw)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +109,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from ftp_vllm.plugin import routing_overrides
     from ftp_vllm.plugin.offline import shutdown_engine
 
+    if args.rounds < 1 or args.prompts < 1 or args.decode_tokens < 1:
+        raise SystemExit("--rounds, --prompts and --decode-tokens must be at least 1")
     if args.model is None:
         from ftp_vllm.model.prepare import ensure_model
 
@@ -115,78 +125,97 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     max_len = max(args.lengths) + args.decode_tokens + 8
     lengths = sorted(args.lengths)
     decode_len = min(lengths)
+    seeds = itertools.count(100)  # every timed batch gets fresh prompts
 
-    def prefill_params(s: float | None) -> Any:
+    def params(s: float | None, max_tokens: int = 1) -> Any:
         extra = None if s is None else {"ftp_sparsity": s}
-        return SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args=extra)
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False,
+                              ignore_eos=True, extra_args=extra)
 
-    def decode_params(s: float | None) -> Any:
-        extra = None if s is None else {"ftp_sparsity": s}
-        return SamplingParams(
-            max_tokens=1 + args.decode_tokens, temperature=0.0, detokenize=False,
-            ignore_eos=True, extra_args=extra,
-        )
+    def timed(llm: Any, n: int, p: Any) -> float:
+        return _time(llm, _prompts(args.prompts, n, vocab, seed=next(seeds)), p)
 
-    def measure(llm: Any, s: float | None, stats: bool) -> dict[str, Any]:
-        point: dict[str, Any] = {}
-        for n in lengths:
-            _time(llm, _prompts(args.prompts, n, vocab, seed=1), prefill_params(s))  # warm
-            if stats:
-                llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
-            t = 0.0
-            for r in range(args.repeats):
-                t += _time(llm, _prompts(args.prompts, n, vocab, seed=100 + r), prefill_params(s))
-            rec = {"prefill_tok_s": args.prompts * n * args.repeats / t}
-            if stats:
-                st = llm.collective_rpc("ftp_routing_stats")[0]
-                rec["flop_ideal"] = st["flop_speedup"]
-                pairs = max(st["token_block_pairs"], 1)
-                rec["token_sparsity"] = st["skipped_pairs"] / pairs
-            point[n] = rec
-        prompts = _prompts(args.prompts, decode_len, vocab, seed=7)
-        t_prefill = _time(llm, prompts, prefill_params(s))
-        t_all = _time(llm, _prompts(args.prompts, decode_len, vocab, seed=7), decode_params(s))
-        point["decode_tok_s"] = args.prompts * args.decode_tokens / max(t_all - t_prefill, 1e-9)
-        return point
+    def decode_tok_s(llm: Any, s: float | None) -> float:
+        t1 = timed(llm, decode_len, params(s))
+        tn = timed(llm, decode_len, params(s, 1 + args.decode_tokens))
+        return args.prompts * args.decode_tokens / max(tn - t1, 1e-9)
+
+    print(f"vanilla vLLM (defaults): {model_dir}", file=sys.stderr)
+    vanilla = _engine(model_dir, max_len, args.dtype, None)
+    print(f"routed vLLM: router {router}", file=sys.stderr)
+    routed = _engine(model_dir, max_len, args.dtype,
+                     routing_overrides(router, max(args.sparsities)))
+    try:
+        for n in lengths:  # warm-up: compiled shapes, first-use allocations
+            timed(vanilla, n, params(None))
+            for s in args.sparsities:
+                timed(routed, n, params(s))
+        van: dict[int, list[float]] = {n: [] for n in lengths}
+        rou: dict[tuple[float, int], list[float]] = {}
+        ideal: dict[tuple[float, int], list[float]] = {}
+        skipped: dict[tuple[float, int], list[float]] = {}
+        dec_v: list[float] = []
+        dec_r: dict[float, list[float]] = {s: [] for s in args.sparsities}
+
+        def run_vanilla() -> None:
+            for n in lengths:
+                van[n].append(args.prompts * n / timed(vanilla, n, params(None)))
+            dec_v.append(decode_tok_s(vanilla, None))
+
+        def run_routed() -> None:
+            for s in args.sparsities:
+                for n in lengths:
+                    routed.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+                    t = timed(routed, n, params(s))
+                    st = routed.collective_rpc("ftp_routing_stats")[0]
+                    rou.setdefault((s, n), []).append(args.prompts * n / t)
+                    ideal.setdefault((s, n), []).append(st["flop_speedup"])
+                    pairs = max(st["token_block_pairs"], 1)
+                    skipped.setdefault((s, n), []).append(st["skipped_pairs"] / pairs)
+                dec_r[s].append(decode_tok_s(routed, s))
+
+        for r in range(args.rounds):
+            order = (run_vanilla, run_routed) if r % 2 == 0 else (run_routed, run_vanilla)
+            t0 = time.perf_counter()
+            for run in order:
+                run()
+            print(f"round {r + 1}/{args.rounds} ({'vanilla' if r % 2 == 0 else 'routed'} "
+                  f"first): {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    finally:
+        shutdown_engine(routed)
+        shutdown_engine(vanilla)
+        tmp.cleanup()
 
     from ftp_vllm.eval.methods import display_path
 
-    results: dict[str, Any] = {
+    rows = []
+    for s in args.sparsities:
+        dec = _spread([r / v for r, v in zip(dec_r[s], dec_v, strict=True)])
+        for n in lengths:
+            ratio = _spread([r / v for r, v in zip(rou[(s, n)], van[n], strict=True)])
+            rows.append({
+                "sparsity": s, "prompt_len": n,
+                "vanilla_tok_s": statistics.median(van[n]),
+                "routed_tok_s": statistics.median(rou[(s, n)]),
+                "speedup": ratio["median"], "speedup_min": ratio["min"],
+                "speedup_max": ratio["max"],
+                "flop_ideal": statistics.median(ideal[(s, n)]),
+                "token_sparsity": statistics.median(skipped[(s, n)]),
+                "decode_ratio": dec["median"], "decode_ratio_min": dec["min"],
+                "decode_ratio_max": dec["max"],
+            })
+    return {
         "kind": KIND,
         "model": Path(model_dir).name,
         "router": display_path(router),
         "command": "ftp-vllm " + " ".join(sys.argv[1:]),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "dtype": args.dtype,
+        "rounds": args.rounds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+        "vanilla_decode_tok_s": statistics.median(dec_v),
     }
-    print(f"vanilla vLLM (default mode): {model_dir}", file=sys.stderr)
-    llm = _engine(model_dir, max_len, args.dtype, None)
-    vanilla = measure(llm, None, stats=False)
-    shutdown_engine(llm)
-    print(f"routed vLLM: router {router}", file=sys.stderr)
-    max_s = max(args.sparsities)
-    llm = _engine(model_dir, max_len, args.dtype, routing_overrides(router, max_s))
-    routed = {s: measure(llm, s, stats=True) for s in args.sparsities}
-    shutdown_engine(llm)
-    tmp.cleanup()
-
-    rows = []
-    for s in args.sparsities:
-        for n in lengths:
-            r, v = routed[s][n], vanilla[n]
-            rows.append(
-                {
-                    "sparsity": s, "prompt_len": n,
-                    "vanilla_tok_s": v["prefill_tok_s"], "routed_tok_s": r["prefill_tok_s"],
-                    "speedup": r["prefill_tok_s"] / v["prefill_tok_s"],
-                    "flop_ideal": r.get("flop_ideal", 1.0),
-                    "token_sparsity": r.get("token_sparsity", 0.0),
-                    "decode_ratio": routed[s]["decode_tok_s"] / vanilla["decode_tok_s"],
-                }
-            )
-    results["rows"] = rows
-    results["vanilla_decode_tok_s"] = vanilla["decode_tok_s"]
-    return results
 
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
@@ -204,16 +233,20 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     head = (
-        "| sparsity | prompt | token sparsity | vanilla tok/s | routed tok/s | speedup "
-        "| FLOP ideal | of ideal | decode ratio |"
+        "| sparsity | prompt | token sparsity | vanilla tok/s | routed tok/s | speedup (min-max) "
+        "| FLOP ideal | of ideal | decode ratio (min-max) |"
     )
     lines = [head, "|" + "---|" * 9]
     for r in results["rows"]:
         of_ideal = r["speedup"] / r["flop_ideal"]
+        spread = (f" ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
+                  if "speedup_min" in r else "")
+        dspread = (f" ({r['decode_ratio_min']:.2f}-{r['decode_ratio_max']:.2f})"
+                   if "decode_ratio_min" in r else "")
         lines.append(
             f"| {r['sparsity']:.2f} | {r['prompt_len']} | {r['token_sparsity']:.3f} "
-            f"| {r['vanilla_tok_s']:.1f} | {r['routed_tok_s']:.1f} | {r['speedup']:.3f}x "
-            f"| {r['flop_ideal']:.3f}x | {of_ideal:.0%} | {r['decode_ratio']:.3f} |"
+            f"| {r['vanilla_tok_s']:.1f} | {r['routed_tok_s']:.1f} | {r['speedup']:.3f}x{spread} "
+            f"| {r['flop_ideal']:.3f}x | {of_ideal:.0%} | {r['decode_ratio']:.3f}{dspread} |"
         )
     return "\n".join(lines)
 
@@ -227,6 +260,8 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ftp_vllm.bench.command import add_parser
+
     parser = argparse.ArgumentParser(prog="python -m ftp_vllm.bench.prefill")
     add_parser(parser.add_subparsers(dest="command", required=True))
     argv = list(sys.argv[1:] if argv is None else argv)
