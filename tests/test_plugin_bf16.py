@@ -29,7 +29,9 @@ from tests.engine_helpers import (  # noqa: E402
     check_routed_bf16,
     check_routing_off,
     engine_kwargs,
+    params,
     random_prompt,
+    run,
     shutdown,
     vanilla_results,
 )
@@ -119,3 +121,18 @@ def test_routed_matches_fp32_reference_within_bf16_tolerance(setup):
 def test_batch_invariance_bf16(setup):
     llm, _, _, prompts, _ = setup
     check_batch_invariance(llm, prompts, SPARSITY, atol=BF16_ATOL)
+
+
+def test_keep_masks_reach_the_host_only_from_routers_that_read_the_hidden_state(setup):
+    """A static router's decisions are made on the host when the step is planned (no mask
+    copied back per layer: a device sync each on a GPU); an MLP router's come from the
+    device, one copy per routed layer."""
+    llm, _, artifact, prompts, _ = setup
+    llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+    run(llm, prompts[:2], params(sparsity=SPARSITY))
+    stats = llm.collective_rpc("ftp_routing_stats")[0]
+    assert stats["routed_steps"] > 0 and stats["skipped_pairs"] > 0
+    if artifact.router.needs_scores:
+        assert stats["host_copies"] >= stats["routed_steps"], stats
+    else:
+        assert stats["host_copies"] == 0, stats

@@ -69,10 +69,12 @@ def op_category(name: str) -> str:
     return "other ops"
 
 
-def split_profile(events: Any, wall_us: float) -> dict[str, float]:
+def split_profile(events: Any, wall_us: float,
+                  top: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
     """Microseconds per category: each op's self time goes to the routing label it runs
     under, else to the category of the outermost op it runs in (so an op's internal copies
-    count as that op); wall time not inside any op is ``outside ops``."""
+    count as that op); wall time not inside any op is ``outside ops``. ``top``, if given,
+    collects the self time per op name within each category."""
     totals: dict[str, float] = defaultdict(float)
 
     def walk(ev: Any, inherited: str | None) -> None:
@@ -82,33 +84,35 @@ def split_profile(events: Any, wall_us: float) -> dict[str, float]:
             cat = name[4:]
         elif cat is None and "::" in name:
             cat = op_category(name)
-        totals[cat or op_category(name)] += ev.self_cpu_time_total
+        key = cat or op_category(name)
+        totals[key] += ev.self_cpu_time_total
+        if top is not None:
+            per = top.setdefault(key, {})
+            per[name] = per.get(name, 0.0) + ev.self_cpu_time_total
         for child in ev.cpu_children:
             walk(child, cat)
 
-    top = [ev for ev in events if ev.cpu_parent is None]
-    for ev in top:
+    roots = [ev for ev in events if ev.cpu_parent is None]
+    for ev in roots:
         walk(ev, None)
-    totals["outside ops"] += max(wall_us - sum(ev.cpu_time_total for ev in top), 0.0)
+    totals["outside ops"] += max(wall_us - sum(ev.cpu_time_total for ev in roots), 0.0)
     return {c: totals.get(c, 0.0) for c in CATEGORIES}
 
 
-def _label_runtime() -> dict[str, int]:
-    """Put profiler labels on the routing runtime's methods; returns a live call counter."""
+def _label_runtime() -> None:
+    """Put profiler labels on the routing runtime's methods."""
     import torch
 
     from ftp_vllm.plugin.runtime import RoutingRuntime
 
-    counts: dict[str, int] = defaultdict(int)
     for method, category in _RANGES.items():
         fn = getattr(RoutingRuntime, method)
         if getattr(fn, "_ftp_labelled", False):
             continue
 
-        def wrap(fn: Any = fn, label: str = "ftp." + category, method: str = method) -> Any:
+        def wrap(fn: Any = fn, label: str = "ftp." + category) -> Any:
             @functools.wraps(fn)
             def labelled(*a: Any, **kw: Any) -> Any:
-                counts[method] += 1
                 with torch.profiler.record_function(label):
                     return fn(*a, **kw)
 
@@ -116,7 +120,6 @@ def _label_runtime() -> dict[str, int]:
             return labelled
 
         setattr(RoutingRuntime, method, wrap())
-    return counts
 
 
 def run_profile(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,6 +130,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from ftp_vllm.bench.prefill import _default_router, _prompts
+    from ftp_vllm.contract import STATS_METHOD
     from ftp_vllm.eval.methods import display_path
     from ftp_vllm.plugin import routing_overrides
     from ftp_vllm.plugin.memory import llm_kv_kwargs
@@ -143,7 +147,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("no router artifact: pass --router")
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     max_len = args.tokens + 8
-    counts = _label_runtime()
+    _label_runtime()
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
@@ -153,18 +157,24 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
                    skip_tokenizer_init=True, distributed_executor_backend="uni",
                    **llm_kv_kwargs(model_dir, dtype=args.dtype, max_model_len=max_len), **kw)
 
-    def one(llm: Any, s: float | None, seed: int) -> tuple[dict[str, float], float, int]:
+    def one(llm: Any, s: float | None, seed: int) -> tuple[dict[str, float], float, int, dict]:
         extra = None if s is None else {"ftp_sparsity": s}
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                 extra_args=extra)
         llm.generate(_prompts(1, args.tokens, vocab, seed=seed), params, use_tqdm=False)
         prompt = _prompts(1, args.tokens, vocab, seed=seed + 1)
-        counts.clear()
+        if s is not None:
+            llm.collective_rpc(STATS_METHOD, kwargs={"reset": True})
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
             llm.generate(prompt, params, use_tqdm=False)
             wall_us = (time.perf_counter() - t0) * 1e6
-        return split_profile(prof.events(), wall_us), wall_us, counts.get("route", 0)
+        top: dict[str, dict[str, float]] = {}
+        split = split_profile(prof.events(), wall_us, top)
+        biggest = {cat: {n: round(t / 1e3, 1) for n, t in sorted(
+            ops.items(), key=lambda kv: -kv[1])[:4]} for cat, ops in top.items()}
+        host = llm.collective_rpc(STATS_METHOD)[0]["host_copies"] if s is not None else 0
+        return split, wall_us, host, biggest
 
     configs: list[dict[str, Any]] = []
     plan = [("vanilla (defaults, compiled)", {}, [None]),
@@ -176,11 +186,13 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         llm = engine(**kw)
         try:
             for s in targets:
-                split, wall, host = one(llm, s, seed=1000 * (i + 1) + int(100 * (s or 0)))
+                split, wall, host, biggest = one(
+                    llm, s, seed=1000 * (i + 1) + int(100 * (s or 0)))
                 label = name if s is None else f"{name} {s:g}"
                 configs.append({"config": label, "sparsity": s or 0.0, "wall_ms": wall / 1e3,
                                 "host_copies": host,
-                                "ms": {c: v / 1e3 for c, v in split.items()}})
+                                "ms": {c: v / 1e3 for c, v in split.items()},
+                                "top_ops_ms": biggest})
                 print(f"  {label}: {wall / 1e3:.0f} ms", file=sys.stderr)
         finally:
             shutdown_engine(llm)

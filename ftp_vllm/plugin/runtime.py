@@ -114,7 +114,8 @@ class StepPlan:
     tok_req: np.ndarray
     tok_pos: np.ndarray
     step_metadata: Any  # the step's CommonAttentionMetadata (all tokens)
-    keeps: np.ndarray  # [L, Tr] bool, filled layer by layer
+    keeps: np.ndarray  # [L, Tr] bool: decided at plan time (host routers), else layer by layer
+    decided: bool  # every layer's keep mask is in ``keeps`` already (no device round trip)
     meta_cache: MetadataCache  # built backend metadata (reuse per backend policy)
     routes: dict[bytes, LayerRoute] = field(default_factory=dict)  # host-side, by keep mask
 
@@ -264,8 +265,10 @@ class RoutingRuntime:
             layout = TokenLayout.from_spans(
                 tokens.routed_starts, tokens.routed_starts + tokens.routed_lens,
                 tokens.routed_prompt, self.window, device=device)
-        tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens).to(device)
-        block_sparsity = torch.stack(blocks).to(device)[tok_routed].T.contiguous()  # [L, Tr]
+        tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens)
+        block_sparsity = torch.stack(blocks)[tok_routed].T.contiguous()  # [L, Tr], host
+        keeps, decided = self._host_decisions(layout, block_sparsity)
+        block_sparsity = block_sparsity.to(device)
         return StepPlan(
             num_tokens=num_tokens,
             req_ids=info.req_ids,
@@ -282,9 +285,34 @@ class RoutingRuntime:
             tok_req=tokens.tok_req,
             tok_pos=tokens.tok_pos,
             step_metadata=step,
-            keeps=np.ones((self.num_layers, len(tokens.routed_idx)), dtype=bool),
+            keeps=keeps,
+            decided=decided,
             meta_cache=MetadataCache(self.policy().reusable),
         )
+
+    def _host_decisions(self, layout: TokenLayout,
+                        block_sparsity: Tensor) -> tuple[np.ndarray, bool]:
+        """Every layer's keep mask, decided now when the router reads no hidden state (static,
+        random, explicit masks): one decision per distinct block target row, no per-layer
+        router call and no device-to-host copy of a mask. Otherwise all-kept placeholders
+        that ``route`` fills layer by layer."""
+        num_layers, num_routed = block_sparsity.shape
+        keeps = np.ones((num_layers, num_routed), dtype=bool)
+        if self.router.needs_scores:
+            return keeps, False
+        host = layout if layout.seq_ids.device.type == "cpu" else _to_cpu(layout)
+        decided: dict[bytes, np.ndarray] = {}
+        share = self.router.shareable
+        for layer in range(num_layers):
+            row = block_sparsity[layer]
+            key = row.numpy().tobytes()
+            keep = decided.get(key) if share else None
+            if keep is None:
+                keep = self.router.keep(
+                    RouterInputs(layer=layer, layout=host, block_sparsity=row)).numpy()
+                decided[key] = keep
+            keeps[layer] = keep
+        return keeps, True
 
     # ------------------------------------------------------------------ per layer
     def route(
@@ -292,6 +320,8 @@ class RoutingRuntime:
         num_kv_heads: int, head_dim: int, scale: float,
     ) -> LayerRoute | None:
         """Decide the layer's kept tokens; None when every token runs the block."""
+        if plan.decided:
+            return self._layer_route(plan, plan.keeps[layer])
         scores = None
         if self.router.needs_scores:
             from ftp_vllm.routing.factors import attention_scores
@@ -317,6 +347,10 @@ class RoutingRuntime:
             self._unsynced_build = False  # .cpu() below waits for the device's queued calls
         keep_np = keep.cpu().numpy()
         plan.keeps[layer] = keep_np
+        self.stats.host_copies += 1
+        return self._layer_route(plan, keep_np)
+
+    def _layer_route(self, plan: StepPlan, keep_np: np.ndarray) -> LayerRoute | None:
         if keep_np.all():
             return None
         keep_all = np.ones(len(plan.tok_req), dtype=bool)  # the step's real tokens
@@ -384,6 +418,11 @@ class RoutingRuntime:
             )
             parts.append(AttnPart(start=start, end=end, common_metadata=metadata, key=(key, lo)))
         return LayerRoute(kept_idx=kept_t, parts=parts)
+
+
+def _to_cpu(layout: TokenLayout) -> TokenLayout:
+    return TokenLayout(**{
+        f: (v.cpu() if isinstance(v, Tensor) else v) for f, v in vars(layout).items()})
 
 
 def _synchronize(device: torch.device) -> None:

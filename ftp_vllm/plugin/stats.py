@@ -1,10 +1,12 @@
 """Routing statistics, accumulated in the worker and read through ``collective_rpc``.
 
 Counts are kept on the host: the subset attention metadata needs each layer's keep mask on
-the host anyway, so statistics add no device sync. Totals are monotonic counters (ready for
-Prometheus counters); per-request records (sparsity, FLOP-model speedup) queue up until a
-reader drains them (histograms). Every tensor-parallel rank holds the same numbers: read rank 0.
-Workers hand them out through ``worker.FTPWorkerExtension.ftp_routing_stats``.
+the host anyway (decided there at plan time for routers that read no hidden state, else
+copied from the device once per layer: ``host_copies``), so statistics add no device sync.
+Totals are monotonic counters (ready for Prometheus counters); per-request records
+(sparsity, FLOP-model speedup) queue up until a reader drains them (histograms). Every
+tensor-parallel rank holds the same numbers: read rank 0. Workers hand them out through
+``worker.FTPWorkerExtension.ftp_routing_stats``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class RoutingStats:
         self.dense_flops = 0.0  # FLOP model, routed prompts as if dense
         self.routed_flops = 0.0  # FLOP model, as routed
         self.metadata_builds = 0
+        self.host_copies = 0  # keep masks copied from the device (one sync each on a GPU)
         self.unaligned_tokens = 0  # window routing: prompt tokens run dense, window split
         self.prompt_logprobs_dense_requests = 0  # dense: prompt logprobs, no target of its own
         self._logprobs_dense_ids: dict[str, None] = {}  # counted once each (preemption)
@@ -140,6 +143,7 @@ class RoutingStats:
             "routed_flops": self.routed_flops,
             "flop_speedup": self.dense_flops / self.routed_flops if self.routed_flops else 1.0,
             "metadata_builds": self.metadata_builds,
+            "host_copies": self.host_copies,
             "unaligned_tokens": self.unaligned_tokens,
             "prompt_logprobs_dense_requests": self.prompt_logprobs_dense_requests,
         }

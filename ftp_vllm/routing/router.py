@@ -31,8 +31,9 @@ class TokenRouter:
     that `ranks` keeps the tokens its `score` ranks highest, skipping each window's count
     (`window_skip_counts`)."""
 
-    needs_scores = False
+    needs_scores = False  # reads attention scores: decided layer by layer, on the device
     ranks = True  # False: the router decides outright (dense, explicit masks)
+    shareable = True  # same layout and block targets -> same mask, whatever the block
 
     def keep(self, inputs: RouterInputs) -> Tensor:
         """[T] bool keep mask. Tokens of requests whose block target is 0 are all kept, and
@@ -104,6 +105,8 @@ class StaticRouter(TokenRouter):
 class RandomRouter(TokenRouter):
     """Baseline: skips the static router's number of tokens, chosen uniformly at random."""
 
+    shareable = False  # each block draws anew
+
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -134,6 +137,7 @@ class MaskRouter(TokenRouter):
     """Explicit decisions: masks[layer] is the keep mask of that block (tests, replays)."""
 
     ranks = False
+    shareable = False  # one mask per block
 
     def __init__(self, masks: Tensor):
         self.masks = masks.bool()
