@@ -70,22 +70,47 @@ def test_default_serves_smollm2_with_the_shipped_router(server):
 
 
 def test_default_chat_and_routing_records(server):
+    """A short chat is served as the measured break-even says: dense below it (counted),
+    routed from it on; the same chat with its own target is routed whatever its length."""
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=300,
                            max_retries=0)
     model = client.models.list().data[0].id
-    before = scrape(server.url)
-    r = client.chat.completions.create(
-        model=model, max_tokens=16, temperature=0,
-        messages=[{"role": "user", "content": "What is the capital of France? Answer in a "
-                                              "short sentence, please."}])
-    assert r.choices[0].message.content.strip()
-    after = scrape(server.url)
-    routed = metric_sum(after, "ftp_prefill_tokens_total") - metric_sum(
-        before, "ftp_prefill_tokens_total")
     status, stats = http_json(f"{server.url}/ftp/stats")
-    if stats["routing"]["enabled"]:
-        assert routed == r.usage.prompt_tokens
-        status, body = http_json(f"{server.url}/ftp/requests/{r.id}")
-        assert status == 200 and body["records"][0]["token_sparsity"] > 0
-    else:
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in a "
+                                            "short sentence, please."}]
+
+    def chat(**extra):
+        before = scrape(server.url)
+        r = client.chat.completions.create(model=model, max_tokens=16, temperature=0,
+                                           messages=messages, extra_body=extra)
+        assert r.choices[0].message.content.strip()
+        after = scrape(server.url)
+
+        def delta(name):
+            return metric_sum(after, name) - metric_sum(before, name)
+
+        return r, delta("ftp_prefill_tokens_total"), delta(
+            "ftp_short_prompt_dense_requests_total")
+
+    r, routed, short = chat()
+    if not stats["routing"]["enabled"]:
         assert routed == 0
+        return
+    threshold = stats["routing"]["route_min_tokens"]
+    speedups = {int(k): v for k, v in stats["routing"]["break_even_speedups"].items()}
+    from ftp_vllm.server.route_threshold import threshold_from_speedups
+
+    assert set(speedups) == {64, 128, 256, 512}  # the default sweep ran
+    assert threshold == threshold_from_speedups(speedups) > 0
+    assert metric_value(scrape(server.url), "ftp_route_min_prompt_tokens") == threshold
+    assert f"prompts shorter than {threshold} tokens are served dense" in server.tail(100_000)
+    if r.usage.prompt_tokens < threshold:
+        assert (routed, short) == (0, 1)
+        status, _ = http_json(f"{server.url}/ftp/requests/{r.id}")
+        assert status == 404  # dense: no routing record
+    else:
+        assert (routed, short) == (r.usage.prompt_tokens, 0)
+    r, routed, short = chat(vllm_xargs={"ftp_sparsity": 0.3})
+    assert (routed, short) == (r.usage.prompt_tokens, 0)
+    status, body = http_json(f"{server.url}/ftp/requests/{r.id}")
+    assert status == 200 and body["records"][0]["token_sparsity"] > 0

@@ -102,6 +102,9 @@ def server(workdir, model_dir, router_dir, offline):
         [str(model_dir), "--router", str(router_dir), "--sparsity", str(SPARSITY),
          "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--seed", "0",
          "--self-benchmark-tokens", "64", "--self-benchmark-repeats", "2",
+         # every prompt routed: these tests compare the server's routing with the offline
+         # engine's (the default serves prompts below the measured break-even dense)
+         "--route-min-tokens", "0",
          "--served-model-name", "tiny", "--stats-interval", "0.5"],
         workdir / "server.log")
     srv.start(timeout=900)

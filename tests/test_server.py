@@ -429,6 +429,7 @@ def _routes_client(recent, tmp_path):
     class FTP:
         routing = S.Routing(RoutingSettings(Path("r"), 0.3, static_artifact), source="test")
         poller, last_bench, args = Poller(), None, None
+        dense_below, break_even = None, {}
 
     app = FastAPI()
 
@@ -594,3 +595,69 @@ def test_serve_refuses_what_routing_cannot_serve_before_the_engine_starts(tmp_pa
     assert "kv-cache-dtype" in str(info.value)
     args, routing = prepare_args([str(model), "--no-routing", "--pipeline-parallel-size", "2"])
     assert not routing.enabled and args.pipeline_parallel_size == 2
+
+
+# ------------------------------------------------------------------ route only where it pays
+@pytest.mark.parametrize("speedups,want", [
+    ({64: 0.9, 128: 1.02, 256: 1.1, 512: 1.2}, 128),  # pays from 128 on
+    ({64: 1.05, 128: 0.98, 256: 1.1, 512: 1.2}, 256),  # a dip: only from the last dip on
+    ({64: 1.1, 128: 1.2}, 64),  # pays everywhere measured: shorter prompts stay dense
+    ({64: 0.8, 128: 0.9, 256: 0.95}, 256),  # never paid: the longest measured length
+    ({}, 0),  # not measured: every prompt routed
+])
+def test_threshold_from_speedups(speedups, want):
+    from ftp_vllm.server.route_threshold import threshold_from_speedups
+
+    assert threshold_from_speedups(speedups) == want
+
+
+def test_route_min_tokens_flag_values():
+    import argparse
+
+    from ftp_vllm.server.route_threshold import parse_min_tokens
+
+    assert parse_min_tokens("auto") == "auto" and parse_min_tokens("0") == 0
+    assert parse_min_tokens("300") == 300
+    for bad in ("-1", "x", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto"):
+            parse_min_tokens(bad)
+
+
+def test_dense_below_marks_only_short_implicit_requests():
+    """Short prompts without a target get an explicit 0 (a copy of extra_args: children of an
+    n>1 request share it); explicit targets, prompt-logprob requests and long prompts are
+    left alone; the engine client's add_request_async sees the rewritten request."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+
+    from ftp_vllm.server.route_threshold import DenseBelow
+
+    counted = []
+    rule = DenseBelow(100, on_dense=lambda: counted.append(1))
+
+    def request(n, **kw):
+        return SimpleNamespace(prompt_token_ids=list(range(n)),
+                               sampling_params=SamplingParams(max_tokens=1, **kw))
+
+    shared = {"other": 1}
+    short = request(99, extra_args=shared)
+    long = request(100)
+    explicit = request(10, extra_args={"ftp_sparsity": 0.3})
+    logprobs = request(10, prompt_logprobs=0)
+    seen = []
+
+    async def add_request_async(req):
+        seen.append(req)
+
+    core = SimpleNamespace(add_request_async=add_request_async)
+    rule.install(SimpleNamespace(engine_core=core))
+    for r in (short, long, explicit, logprobs):
+        asyncio.run(core.add_request_async(r))
+    assert seen == [short, long, explicit, logprobs]
+    assert short.sampling_params.extra_args == {"other": 1, "ftp_sparsity": 0.0}
+    assert shared == {"other": 1}
+    assert long.sampling_params.extra_args is None
+    assert explicit.sampling_params.extra_args == {"ftp_sparsity": 0.3}
+    assert logprobs.sampling_params.extra_args is None
+    assert counted == [1]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftp_vllm.plugin.memory import KVCacheChoice
+from ftp_vllm.server.route_threshold import AUTO, parse_min_tokens
 from ftp_vllm.server.settings import (
     ENV_ROUTER,
     ENV_SPARSITY,
@@ -57,6 +58,11 @@ def add_ftp_args(parser: Any) -> None:
                    help="self-benchmark prompts per timed batch (default 2)")
     g.add_argument("--self-benchmark-repeats", type=int, default=3, metavar="N",
                    help="timed batches per mode (default 3)")
+    g.add_argument("--route-min-tokens", type=parse_min_tokens, default=AUTO, metavar="N",
+                   help="serve prompts shorter than N tokens dense unless they set "
+                        "ftp_sparsity (default auto: the shortest length at which the "
+                        "start-up self-benchmark measured routing faster; 0 routes every "
+                        "prompt)")
     g.add_argument("--stats-interval", type=float, default=1.0, metavar="SECONDS",
                    help="how often the API server reads the workers' routing stats "
                         "(default 1; also read before every /metrics scrape)")
@@ -264,6 +270,8 @@ class FTPServer:
         self.engine_client = None
         self.bench_lock = asyncio.Lock()
         self.last_bench = None
+        self.dense_below = None  # route_threshold.DenseBelow, once attached
+        self.break_even: dict[int, float] = {}  # prompt tokens -> measured prefill speedup
 
     def limits(self) -> tuple[float, bool]:
         return self.routing.max_sparsity, self.routing.enabled
@@ -302,16 +310,56 @@ class FTPServer:
             raise RuntimeError(
                 f"FTP routing is on but the workers' routing stats cannot be read ({e!r}); "
                 "is --worker-extension-cls set to something else?") from e
-        if self.args.no_self_benchmark or self.routing.sparsity <= 0:
+        measure = not self.args.no_self_benchmark and self.routing.sparsity > 0
+        if not measure:
             log.info("FTP self-benchmark skipped (%s): ftp_measured_prefill_speedup = 0",
                      "--no-self-benchmark" if self.args.no_self_benchmark
                      else "default sparsity is 0")
         else:
             await self.run_benchmark(startup=True)
+        await self.set_route_threshold(engine_client, measure)
         self.poller.start()
 
+    async def set_route_threshold(self, engine_client: Any, measured: bool) -> None:
+        """Prompts shorter than the threshold are served dense (``server.route_threshold``):
+        fixed by --route-min-tokens, else measured now (a sweep of prompt lengths)."""
+        from ftp_vllm.server.route_threshold import (
+            BREAK_EVEN_LENGTHS,
+            DenseBelow,
+            threshold_from_speedups,
+        )
+
+        log = _logger()
+        self.dense_below = DenseBelow(on_dense=self.metrics.short_prompt_dense.inc)
+        self.dense_below.install(engine_client)
+        n = self.args.route_min_tokens
+        how = "--route-min-tokens"
+        if n == AUTO and not measured:
+            n, how = 0, "not measured (no self-benchmark)"
+        elif n == AUTO:
+            limit = int(engine_client.model_config.max_model_len) - 1
+            for tokens in BREAK_EVEN_LENGTHS:
+                if tokens > limit:
+                    break
+                res = (self.last_bench if self.last_bench is not None
+                       and self.last_bench.tokens == tokens else
+                       await self.run_benchmark(startup=True, tokens=tokens, gauge=False))
+                if res is None:
+                    break
+                self.break_even[tokens] = res.speedup
+            n = threshold_from_speedups(self.break_even)
+            how = "measured: " + ", ".join(
+                f"{k} tokens {v:.2f}x" for k, v in sorted(self.break_even.items()))
+        self.dense_below.min_tokens = int(n)
+        self.metrics.route_min_tokens.set(int(n))
+        log.info("FTP routing: prompts shorter than %d tokens are served dense unless they "
+                 "set ftp_sparsity (%s)", int(n), how)
+
     async def run_benchmark(self, startup: bool = False, tokens: int | None = None,
-                            prompts: int | None = None, repeats: int | None = None):
+                            prompts: int | None = None, repeats: int | None = None,
+                            gauge: bool = True):
+        """One self-benchmark; ``gauge``: it sets ftp_measured_prefill_speedup (the
+        break-even sweep's other lengths do not)."""
         from ftp_vllm.server.selfbench import self_benchmark
 
         log = _logger()
@@ -333,6 +381,13 @@ class FTPServer:
             res.during_traffic = not startup
             if startup and self.poller is not None:
                 await self.poller.poll(count=False)  # its requests are the new baseline
+            log.info("FTP self-benchmark: %d x %d-token prompts, sparsity %g: dense %s s, "
+                     "routed %s s, measured prefill speedup %.3fx (%.1f s)",
+                     res.prompts, res.tokens, res.sparsity,
+                     [round(x, 3) for x in res.dense_s], [round(x, 3) for x in res.routed_s],
+                     res.speedup, res.elapsed_s)
+            if not gauge:
+                return res
             self.last_bench = res
             self.metrics.measured_speedup.set(res.speedup)
             if res.dense_s:
@@ -342,11 +397,6 @@ class FTPServer:
                     statistics.median(res.dense_s))
                 self.metrics.bench_seconds.labels(mode="routed").set(
                     statistics.median(res.routed_s))
-            log.info("FTP self-benchmark: %d x %d-token prompts, sparsity %g: dense %s s, "
-                     "routed %s s, measured prefill speedup %.3fx (%.1f s)",
-                     res.prompts, res.tokens, res.sparsity,
-                     [round(x, 3) for x in res.dense_s], [round(x, 3) for x in res.routed_s],
-                     res.speedup, res.elapsed_s)
             return res
 
     async def stop(self) -> None:

@@ -84,6 +84,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                             "and one token, mode dense or routed."),
     "ftp_stats_poll_errors_total": (
         "counter", (), "Failed reads of the workers' routing statistics."),
+    "ftp_route_min_prompt_tokens": (
+        "gauge", (), "Prompts shorter than this are served dense unless they set "
+                     "ftp_sparsity (--route-min-tokens; auto: measured at start-up)."),
+    "ftp_short_prompt_dense_requests_total": (
+        "counter", (), "Requests served dense because their prompt is shorter than "
+                       "ftp_route_min_prompt_tokens and they set no ftp_sparsity."),
     "ftp_prompt_logprobs_dense_requests_total": (
         "counter", (), "Requests served dense because they ask for prompt log-probabilities "
                        "and set no ftp_sparsity of their own."),
@@ -116,6 +122,8 @@ class FTPMetrics:
         self.bench_seconds = make("ftp_self_benchmark_prefill_seconds")
         self.poll_errors = make("ftp_stats_poll_errors_total")
         self.prompt_logprobs_dense = make("ftp_prompt_logprobs_dense_requests_total")
+        self.route_min_tokens = make("ftp_route_min_prompt_tokens")
+        self.short_prompt_dense = make("ftp_short_prompt_dense_requests_total")
         for layer in range(num_layers):  # every series exists from the start (rate() works)
             self.skipped.labels(layer=str(layer))
             self.computed.labels(layer=str(layer))

@@ -111,7 +111,11 @@ def add_routes(app: FastAPI, ftp: Any) -> None:
                         "router": str(routing.router) if routing.router else None,
                         "kind": routing.kind, "source": routing.source,
                         "default_sparsity": routing.sparsity if routing.enabled else 0.0,
-                        "max_sparsity": routing.max_sparsity},
+                        "max_sparsity": routing.max_sparsity,
+                        "route_min_tokens": (ftp.dense_below.min_tokens
+                                             if ftp.dense_below is not None else 0),
+                        "break_even_speedups": {str(k): v
+                                                for k, v in sorted(ftp.break_even.items())}},
             "totals": None if poller is None else poller.last,  # summed over engines
             "engines": None if poller is None else  # data parallel: each engine's totals
             [poller.last_per_engine[k] for k in sorted(poller.last_per_engine)],

@@ -4,8 +4,10 @@ A batch of `prompts` fresh random-token prompts of `tokens` tokens each, one out
 submitted together, timed from submission to the last completion; alternately with
 ``ftp_sparsity=0`` (dense) and with the server's target, `repeats` times each after one
 warm-up of each. Fresh prompts every time: a repeated prompt could hit a prefix cache and fake
-a speedup (the plugin also switches prefix caching off for routed models). The result is the
-ratio of median times, dense over routed; 0 when not measured.
+a speedup (and dense and routed requests never share cached blocks). A dense request runs
+vLLM's compiled forward, as plain vLLM does, so the result (the ratio of median times, dense
+over routed; 0 when not measured) is routed against plain vLLM on this machine. The start-up
+break-even sweep (``server.route_threshold``) repeats it at several prompt lengths.
 
 At start-up it runs before the server accepts connections (nothing else is in flight, so the
 timing is clean and its requests are kept out of the metrics). ``POST /ftp/benchmark`` runs
