@@ -11,7 +11,6 @@ extra time of `--decode-tokens` tokens over that. Beside each measured ratio: th
 ideal speedup of the same requests (from the plugin's statistics).
 
     ftp-vllm bench prefill --lengths 512 1024 2048 --rounds 3
-    python -m ftp_vllm.bench.prefill prefill ...
 """
 
 from __future__ import annotations
@@ -60,13 +59,13 @@ def _static_artifact(model_dir: Path, sparsities: list[float], out: Path) -> Pat
                             {"made_by": "ftp-vllm bench prefill"})
 
 
-def _default_router() -> Path | None:
+def default_router() -> Path | None:
     from ftp_vllm.artifact import DEFAULT_ARTIFACT
 
     return DEFAULT_ARTIFACT if (DEFAULT_ARTIFACT / "router.json").exists() else None
 
 
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str, Any]]:
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[dict[str, Any]]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +118,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = Path(args.model)
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
     tmp = tempfile.TemporaryDirectory(prefix="ftp-bench-")
-    router = args.router or _default_router() or "static"
+    router = args.router or default_router() or "static"
     if router == "static":
         router = _static_artifact(model_dir, args.sparsities, Path(tmp.name) / "static")
     max_len = max(args.lengths) + args.decode_tokens + 8
@@ -133,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                               ignore_eos=True, extra_args=extra)
 
     def timed(llm: Any, n: int, p: Any) -> float:
-        return _time(llm, _prompts(args.prompts, n, vocab, seed=next(seeds)), p)
+        return _time(llm, random_prompts(args.prompts, n, vocab, seed=next(seeds)), p)
 
     def decode_tok_s(llm: Any, s: float | None) -> float:
         t1 = timed(llm, decode_len, params(s))
@@ -257,19 +256,3 @@ def _cmd_prefill(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ftp_vllm.bench.command import add_parser
-
-    parser = argparse.ArgumentParser(prog="python -m ftp_vllm.bench.prefill")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["bench"]:
-        argv.insert(0, "bench")  # `python -m ftp_vllm.bench.prefill prefill ...`
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -129,7 +129,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from ftp_vllm.bench.prefill import _default_router, _prompts
+    from ftp_vllm.bench.prefill import default_router, random_prompts
     from ftp_vllm.contract import STATS_METHOD
     from ftp_vllm.eval.methods import display_path
     from ftp_vllm.plugin import routing_overrides
@@ -142,7 +142,7 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         model_dir = ensure_model()
     else:
         model_dir = Path(args.model)
-    router = args.router or _default_router()
+    router = args.router or default_router()
     if router is None:
         raise SystemExit("no router artifact: pass --router")
     vocab = AutoConfig.from_pretrained(model_dir).vocab_size
@@ -161,8 +161,8 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
         extra = None if s is None else {"ftp_sparsity": s}
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                 extra_args=extra)
-        llm.generate(_prompts(1, args.tokens, vocab, seed=seed), params, use_tqdm=False)
-        prompt = _prompts(1, args.tokens, vocab, seed=seed + 1)
+        llm.generate(random_prompts(1, args.tokens, vocab, seed=seed), params, use_tqdm=False)
+        prompt = random_prompts(1, args.tokens, vocab, seed=seed + 1)
         if s is not None:
             llm.collective_rpc(STATS_METHOD, kwargs={"reset": True})
         with profile(activities=activities) as prof:
