@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ftp_vllm.bench.results import emit, latest
 
 DEFAULT_SPARSITIES = (0.0, 0.22, 0.3, 0.4)
 DEFAULT_LENGTHS = (512, 1024, 2048)
@@ -219,10 +220,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
     """Markdown for the latest prefill benchmark (a `ftp_vllm.report` section)."""
-    rows = [r for r in results if r.get("kind") == KIND]
-    if not rows:
+    rec = latest(results, KIND)
+    if rec is None:
         return "_No prefill benchmark yet: run `ftp-vllm bench prefill --json ...`._\n"
-    rec = max(rows, key=lambda r: r.get("created", ""))
     return (
         f"`{rec['command']}` ({rec['device']}, {rec['model']}, router `{rec['router']}`, "
         f"vanilla decode {rec['vanilla_decode_tok_s']:.1f} tok/s)\n\n"
@@ -252,7 +252,4 @@ def format_table(results: dict[str, Any]) -> str:
 
 def _cmd_prefill(args: argparse.Namespace) -> int:
     results = run_bench(args)
-    print(format_table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return emit(results, format_table(results), args.json)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from ftp_vllm.bench.results import emit, latest
 
 KIND = "bench-profile"
 CATEGORIES = (
@@ -221,10 +222,9 @@ def format_table(results: dict[str, Any]) -> str:
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
     """Markdown for the latest profile (a `ftp_vllm.report` section)."""
-    rows = [r for r in results if r.get("kind") == KIND]
-    if not rows:
+    rec = latest(results, KIND)
+    if rec is None:
         return "_No profile yet: run `ftp-vllm bench profile --json ...`._\n"
-    rec = max(rows, key=lambda r: r.get("created", ""))
     return (f"`{rec['command']}` ({rec['device']}, {rec['model']}, {rec['dtype']}, router "
             f"`{rec['router']}`, one {rec['tokens']}-token prompt)\n\n"
             + format_table(rec) + "\n")
@@ -232,7 +232,4 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     results = run_profile(args)
-    print(format_table(results))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    return emit(results, format_table(results), args.json)

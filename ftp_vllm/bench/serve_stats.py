@@ -19,6 +19,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from ftp_vllm.bench.results import latest
+
 KIND = "serve-bench"
 FORMAT = 2  # record layout; records without "format" are the single-server (dense/routed) kind
 
@@ -127,10 +129,9 @@ def _pct(s: dict | None) -> str:
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
     """Markdown for the latest serve-bench result (a `ftp_vllm.report` section)."""
-    rows = [r for r in results if r.get("kind") == KIND]
-    if not rows:
+    rec = latest(results, KIND)
+    if rec is None:
         return "_No serving benchmark yet: run `ftp-vllm serve-bench`._\n"
-    rec = max(rows, key=lambda r: r.get("created", ""))
     if rec.get("format", 1) < FORMAT:
         return legacy_markdown(rec)
     hw, srv = rec.get("hardware", {}), rec.get("servers", {})
