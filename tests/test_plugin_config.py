@@ -110,12 +110,12 @@ def test_routed_config_switches_features_off_with_reasons(tiny_llama_dir, artifa
     assert cfg.scheduler_config.enable_chunked_prefill is False
     assert cfg.cache_config.enable_prefix_caching is False
     assert cfg.scheduler_config.max_num_batched_tokens >= 512
-    assert cfg.model_config.enforce_eager is False  # only steps that route run eager
+    assert cfg.model_config.enforce_eager is False  # only steps that route leave vLLM's graph
     assert cfg.parallel_config.worker_extension_cls.endswith("FTPWorkerExtension")
     text = "\n".join(said)
     assert "chunked prefill switched off" in text
     assert "prefix caching switched off" in text
-    assert "steps that route prompt tokens run eager" in text
+    assert "steps that route prompt tokens run the routed layers" in text
 
 
 @pytest.mark.slow
@@ -134,7 +134,7 @@ def test_window_routing_keeps_chunked_prefill_prefix_caching_and_budget(tiny_lla
     assert cfg.cache_config.enable_prefix_caching is True
     assert cfg.scheduler_config.max_num_batched_tokens == 64
     assert cfg.scheduler_config.scheduler_cls == WINDOW_SCHEDULER
-    assert cfg.model_config.enforce_eager is False  # only steps that route run eager
+    assert cfg.model_config.enforce_eager is False  # only steps that route leave vLLM's graph
     # vLLM's defaults stay vLLM's defaults
     routed, vanilla = engine_config(tiny_llama_dir, ov), engine_config(tiny_llama_dir, {})
     assert routed.scheduler_config.max_num_batched_tokens == \

@@ -287,7 +287,7 @@ def test_serve_bench_every_server_and_workload_end_to_end(tmp_path):
     assert data["kind"] == "serve-bench" and data["format"] == st.FORMAT and data["complete"]
     assert sorted(p.name for p in (work / "logs").iterdir()) == [
         "routed-round0.log", "vanilla-default-round0.log", "vanilla-same-mode-round0.log"]
-    # the routed engine compiles (only its routing steps run eager): vanilla eager is the
+    # the routed engine compiles (its routing steps leave vLLM's graph): vanilla eager is the
     # same-mode baseline anyway
     assert data["servers"]["routed"]["execution"]["enforce_eager"] is False
     assert data["servers"]["vanilla-same-mode"]["flags"] == ["--enforce-eager"]

@@ -10,9 +10,9 @@ server and round:
   prefill, compiled): what a user runs instead;
 - **vanilla-same-mode**: ``--no-routing`` plus ``same_mode_flags``: plain vLLM in the execution
   mode the routed engine really runs, read from the routed server's own engine-config log line
-  (``engine_execution``). Steps that route prompt tokens run eager whatever the engine's
-  mode (the routed engine compiles only its other steps), so this is ``--enforce-eager``:
-  vanilla in the mode of routed prefill;
+  (``engine_execution``). Steps that route prompt tokens leave vLLM's compiled graph
+  whatever the engine's mode (their dense parts compiled piece by piece, routing and attention
+  eager), and plain vLLM has no such mode, so this is ``--enforce-eager``, the nearest one;
 - **routed**: ``ftp-vllm serve`` at its defaults (shipped router, target 0.3 unless
   ``--sparsity``);
 - **dense** (optional, ``--servers ... dense``): the routed server with requests asking
@@ -187,8 +187,9 @@ def engine_execution(log_text: str) -> dict[str, Any] | None:
 def same_mode_flags(execution: dict[str, Any]) -> list[str]:
     """THE place that turns the routed engine's execution mode into plain-vLLM flags: the
     vanilla-same-mode baseline runs `--no-routing` plus these. A routed engine runs the steps
-    that route eager even when it compiles the others (``plugin/models.py``), so the baseline
-    in the mode of routed prefill is vanilla `--enforce-eager` either way."""
+    that route outside vLLM's graph even when it compiles the others (``plugin/models.py``;
+    their dense parts compiled piece by piece), so the nearest plain-vLLM mode is
+    `--enforce-eager` either way."""
     if execution.get("enforce_eager") is None:
         raise RuntimeError("the routed engine's config line has no enforce_eager=...: cannot "
                            "derive the same-mode baseline (vLLM changed its log format?)")

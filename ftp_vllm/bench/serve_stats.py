@@ -137,8 +137,9 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
     hw, srv = rec.get("hardware", {}), rec.get("servers", {})
     same = srv.get(VANILLA_SAME_MODE)
     same_is_default = same is not None and not same.get("flags")
-    same_note = (f"vLLM with `{' '.join(same['flags'])}` (the mode the routed server's "
-                 "prefill steps that route run in)" if same and same.get("flags")
+    same_note = (f"vLLM with `{' '.join(same['flags'])}` (plain vLLM's nearest mode to the "
+                 "routed server's steps that route, which leave vLLM's compiled graph)"
+                 if same and same.get("flags")
                  else "identical to vanilla default (the routed engine runs vLLM's default "
                       "execution mode), not started separately" if same_is_default
                  else "not run")

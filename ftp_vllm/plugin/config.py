@@ -63,9 +63,11 @@ class FTPRoutingConfig:
             _serve_whole_prompts(vllm_config)
         if not model_config.enforce_eager:
             logger.info(
-                "FTP routing: steps that route prompt tokens run eager (a data-dependent "
-                "number of kept tokens per layer does not trace); every other step (decode, "
-                "dense requests) runs vLLM's compiled model."
+                "FTP routing: steps that route prompt tokens run the routed layers (dense parts "
+                "compiled with dynamic token counts; routing, gathers and subset attention "
+                "eager: a data-dependent number of kept tokens per layer does not trace into "
+                "vLLM's graph); every other step (decode, dense requests) runs vLLM's "
+                "compiled model."
             )
         _use_v1_model_runner()
         pc = vllm_config.parallel_config

@@ -10,8 +10,9 @@ A routed layer, on a step with prompts to route:
      hidden state through bit-exactly.
 Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code,
 compiled as vLLM compiles it (torch.compile; CUDA graphs on a GPU): the model's forward asks
-the routing runtime first and runs a step eager (the forward context's ``skip_compiled``) only
-when it routes, since a data-dependent number of kept tokens per layer does not trace.
+the routing runtime first and leaves vLLM's graph (the forward context's ``skip_compiled``)
+only when the step routes, since a data-dependent number of kept tokens per layer does not
+trace; the routed layers then run their dense parts compiled (``plugin.dense_parts``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from ftp_vllm.artifact import model_fingerprint
 from ftp_vllm.flops import BlockShape
+from ftp_vllm.plugin.dense_parts import all_outputs, compiled, kept_outputs, layer_inputs
 from ftp_vllm.plugin.runtime import RoutingRuntime, activate, get_runtime
 from ftp_vllm.plugin.settings import routing_settings
 from ftp_vllm.plugin.vllm_internals import (
@@ -51,6 +53,10 @@ class RoutedLayerMixin:
     def _ftp_init(self, prefix: str, num_layers: int) -> None:
         self.ftp_layer = extract_layer_index(prefix)
         self.ftp_last = self.ftp_layer == num_layers - 1
+        # the dense parts, compiled as vLLM compiles ops outside its graph (one per model)
+        self.ftp_inputs = compiled(layer_inputs)
+        self.ftp_outputs = compiled(kept_outputs)
+        self.ftp_all_outputs = compiled(all_outputs)
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         if torch.compiler.is_compiling():  # the traced (dense) graph: vLLM's own layer
@@ -65,36 +71,16 @@ class RoutedLayerMixin:
             if self.ftp_last:
                 runtime.finish_step(plan)
 
-    def _qkv(self, positions, hidden_states):
-        self_attn = self.self_attn
-        qkv, _ = self_attn.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self_attn.q_size, self_attn.kv_size, self_attn.kv_size], dim=-1)
-        if getattr(self_attn, "qk_norm", False):
-            n = q.shape[0]
-            q = self_attn.q_norm(q.view(n, self_attn.num_heads, self_attn.head_dim))
-            k = self_attn.k_norm(k.view(n, self_attn.num_kv_heads, self_attn.head_dim))
-            q, k = q.view(n, self_attn.q_size), k.view(n, self_attn.kv_size)
-        q, k = self_attn.rotary_emb(positions, q, k)
-        return q, k, v
-
     def _routed_forward(self, runtime, plan, positions, hidden_states, residual):
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        q, k, v, residual = self.ftp_inputs(self, positions, hidden_states, residual)
         self_attn = self.self_attn
         attn = self_attn.attn
-        q, k, v = self._qkv(positions, hidden_states)
         route = runtime.route(
             plan, self.ftp_layer, q, k, attn.num_heads, attn.num_kv_heads, attn.head_size,
             self_attn.scaling,
         )
-        if route is None:  # every token runs this block: vLLM's own path
-            attn_out = attn(q, k, v)
-            out, _ = self_attn.o_proj(attn_out)
-            hidden_states, residual = self.post_attention_layernorm(out, residual)
-            return self.mlp(hidden_states), residual
+        if route is None:  # every token runs this block
+            return self.ftp_all_outputs(self, attn(q, k, v), residual)
 
         num_tokens = q.shape[0]
         key = k.view(num_tokens, attn.num_kv_heads, attn.head_size)
@@ -112,12 +98,7 @@ class RoutedLayerMixin:
             a, b = part.start, part.end
             attend(attn, query[a:b], kept_key[a:b], kept_value[a:b],
                    runtime.part_metadata(plan, part), out=attn_out[a:b])
-        out, _ = self_attn.o_proj(attn_out.view(num_kept, -1))
-        h, res_kept = self.post_attention_layernorm(out, residual.index_select(0, idx))
-        h = self.mlp(h)
-        hidden_out = torch.zeros_like(residual).index_copy_(0, idx, h)
-        residual = residual.index_copy(0, idx, res_kept)
-        return hidden_out, residual
+        return self.ftp_outputs(self, attn_out.view(num_kept, -1), residual, idx)
 
 
 class FTPLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
@@ -139,8 +120,8 @@ class RoutedModelMixin:
     """Artifact loading, fingerprint check and runtime set-up shared by the routed models."""
 
     def forward(self, input_ids, positions, *args, **kwargs):
-        """A step that routes runs eager (vLLM's compiled model would run it dense); every
-        other step takes vLLM's compiled path."""
+        """A step that routes leaves vLLM's compiled graph (which would run it dense) for the
+        routed layers; every other step takes vLLM's compiled path."""
         runtime = get_runtime()
         if runtime is not None and runtime.plan(positions.shape[-1]) is not None:
             skip_compiled()

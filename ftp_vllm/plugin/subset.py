@@ -31,8 +31,8 @@ What each vLLM 0.32 builder reads from ``CommonAttentionMetadata`` and keeps bet
   Llama/Qwen2), query_start_loc_cpu and seq_lens_cpu_upper_bound (DCP only). Persistent
   buffers only with full CUDA graphs + FA3 AOT scheduling (``scheduler_metadata``, sized by
   max(max_num_seqs, largest capture size)) or DCP (``_dcp_context_kv_lens``, max_num_seqs):
-  then both the request limit and statefulness apply. Routed engines run eager (no CUDA
-  graphs), so normally neither does.
+  then both the request limit and statefulness apply. Routing steps run outside CUDA graphs,
+  so normally neither does.
 - TRITON_ATTN (``TritonAttentionMetadataBuilder.build``): num_reqs, num_actual_tokens,
   max_query_len, max_seq_len, query_start_loc, seq_lens, block_table_tensor, slot_mapping,
   causal, mm_req_doc_ranges, rswa_prefix_lens. Its softmax scratch buffers are shared by every
