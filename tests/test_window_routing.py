@@ -166,6 +166,41 @@ def test_zero_target_keeps_every_window_and_non_ranking_routers_decide_outright(
     assert keep.nonzero().squeeze(1).tolist() == [0, 11, 12, 21]  # protected only
 
 
+@pytest.mark.parametrize("windowed", [True, False])
+@pytest.mark.parametrize("router_cls", [StaticRouter, RandomRouter])
+def test_all_blocks_at_once_equal_block_by_block(windowed, router_cls):
+    # What the engine decides at plan time (keep_layers) must be what the reference decides
+    # block by block (keep): spans starting mid-window, several prompts, per-token targets
+    # with zeros and repeats, targets that round to a tie.
+    starts, ends, prompts = [0, 5, 0], [19, 23, 2], [19, 40, 2]
+    if windowed:
+        lay = TokenLayout.from_spans(torch.tensor(starts), torch.tensor(ends),
+                                     torch.tensor(prompts), W)
+    else:
+        lay = TokenLayout.from_lengths([19, 18, 2])
+    gen = torch.Generator().manual_seed(3)
+    per_req = torch.rand(12, 3, generator=gen) * 0.9
+    per_req[2] = 0.0
+    per_req[5] = per_req[4]
+    per_req[7] = torch.tensor([0.25, 0.5, 0.75])
+    tok_req = torch.repeat_interleave(torch.arange(3), torch.tensor([19, 18, 2]))
+    bs = per_req[:, tok_req]  # [L, T]
+    at_once = router_cls().keep_layers(lay, bs)
+    fresh = router_cls()  # a random router draws the same sequence again
+    one_by_one = torch.stack([
+        fresh.keep(RouterInputs(layer=i, layout=lay, block_sparsity=bs[i]))
+        for i in range(len(bs))])
+    assert at_once.dtype == torch.bool and at_once.shape == bs.shape
+    assert torch.equal(at_once, one_by_one)
+    assert (~at_once).any()  # something skipped: the comparison is not all-kept vs all-kept
+
+
+def test_routers_that_read_scores_do_not_decide_all_blocks_at_once():
+    lay = TokenLayout.windows([19], W)
+    with pytest.raises(ValueError, match="attention scores"):
+        scored_mlp_router().keep_layers(lay, torch.full((2, 19), 0.3))
+
+
 @pytest.mark.parametrize("s", [0.22, 0.3, 0.4])
 def test_realized_sparsity_is_the_target_at_every_length(s):
     """Issue 10, item 4: within 0.02 of the target on prompts of 64 to 2048 tokens."""

@@ -293,26 +293,13 @@ class RoutingRuntime:
     def _host_decisions(self, layout: TokenLayout,
                         block_sparsity: Tensor) -> tuple[np.ndarray, bool]:
         """Every layer's keep mask, decided now when the router reads no hidden state (static,
-        random, explicit masks): one decision per distinct block target row, no per-layer
-        router call and no device-to-host copy of a mask. Otherwise all-kept placeholders
-        that ``route`` fills layer by layer."""
-        num_layers, num_routed = block_sparsity.shape
-        keeps = np.ones((num_layers, num_routed), dtype=bool)
+        random, explicit masks: ``TokenRouter.keep_layers``), so no per-layer router call and
+        no device-to-host copy of a mask. Otherwise all-kept placeholders that ``route``
+        fills layer by layer."""
         if self.router.needs_scores:
-            return keeps, False
+            return np.ones(tuple(block_sparsity.shape), dtype=bool), False
         host = layout if layout.seq_ids.device.type == "cpu" else _to_cpu(layout)
-        decided: dict[bytes, np.ndarray] = {}
-        share = self.router.shareable
-        for layer in range(num_layers):
-            row = block_sparsity[layer]
-            key = row.numpy().tobytes()
-            keep = decided.get(key) if share else None
-            if keep is None:
-                keep = self.router.keep(
-                    RouterInputs(layer=layer, layout=host, block_sparsity=row)).numpy()
-                decided[key] = keep
-            keeps[layer] = keep
-        return keeps, True
+        return self.router.keep_layers(host, block_sparsity).numpy(), True
 
     # ------------------------------------------------------------------ per layer
     def route(

@@ -51,13 +51,36 @@ class TokenRouter:
         """[T] how much each token is worth computing (higher is kept first)."""
         raise NotImplementedError
 
+    def keep_layers(self, layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
+        """[L, T] keep masks of every block at once, for routers that read no attention
+        scores (the engine decides a step's blocks when it plans the step): ``keep`` layer by
+        layer, once per distinct target row when the router is `shareable`."""
+        if self.needs_scores:
+            raise ValueError(f"{type(self).__name__} decides layer by layer: it reads "
+                             "attention scores")
+        decided: dict[bytes, Tensor] = {}
+        rows = []
+        for layer, row in enumerate(block_sparsity):
+            key = row.cpu().numpy().tobytes() if self.shareable else None
+            keep = decided.get(key) if key is not None else None
+            if keep is None:
+                keep = self.keep(RouterInputs(layer=layer, layout=layout, block_sparsity=row))
+                if key is not None:
+                    decided[key] = keep
+            rows.append(keep)
+        return torch.stack(rows)
+
 
 def window_skip_counts(inputs: RouterInputs) -> Tensor:
     """[R] tokens each window skips: round(s * end) - round(s * start) for a window over
     prompt positions [start, end) at block target s, so a prompt's windows together skip
     round(s * n) tokens whatever its length (at most the window's tokens that may skip)."""
-    layout = inputs.layout
-    s = inputs.block_sparsity.double()[layout.starts]
+    return _skip_counts(inputs.layout, inputs.block_sparsity)
+
+
+def _skip_counts(layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
+    """``window_skip_counts`` for one target row [T] ([R]) or one per block [L, T] ([L, R])."""
+    s = block_sparsity.double()[..., layout.starts]
     start = layout.offsets.double()
     end = start + layout.lengths.double()
     count = torch.floor(s * end + 0.5) - torch.floor(s * start + 0.5)
@@ -100,6 +123,20 @@ class StaticRouter(TokenRouter):
 
     def score(self, inputs: RouterInputs) -> Tensor:
         return inputs.layout.positions.float()
+
+    def keep_layers(self, layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
+        """All blocks in one pass: the static score ignores the block, so a window ranks its
+        tokens once and each block only sets how many of the lowest-ranked skip (equal to
+        ``keep`` block by block, tested)."""
+        if layout.windowed:
+            score = torch.where(layout.protected, torch.inf, layout.positions.float())
+            rank = _segment_rank_ascending(score, layout)
+            keep = rank >= _skip_counts(layout, block_sparsity)[:, layout.seq_ids]
+        else:
+            n = layout.token_lengths
+            skip = torch.floor(block_sparsity.double() * n + 0.5).long()
+            keep = layout.positions > torch.minimum(skip, (n - 2).clamp(min=0))
+        return keep | layout.protected | (block_sparsity <= 0)
 
 
 class RandomRouter(TokenRouter):
