@@ -62,12 +62,14 @@ class FTPRoutingConfig:
         else:
             _serve_whole_prompts(vllm_config)
         if not model_config.enforce_eager:
+            dense = ("eager: the router reads attention scores" if
+                     settings.artifact.router.needs_scores else
+                     "compiled with dynamic token counts")
             logger.info(
                 "FTP routing: steps that route prompt tokens run the routed layers (dense parts "
-                "compiled with dynamic token counts; routing, gathers and subset attention "
-                "eager: a data-dependent number of kept tokens per layer does not trace into "
-                "vLLM's graph); every other step (decode, dense requests) runs vLLM's "
-                "compiled model."
+                "%s; routing, gathers and subset attention eager: a data-dependent number of "
+                "kept tokens per layer does not trace into vLLM's graph); every other step "
+                "(decode, dense requests) runs vLLM's compiled model.", dense
             )
         _use_v1_model_runner()
         pc = vllm_config.parallel_config

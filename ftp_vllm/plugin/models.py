@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
@@ -41,6 +42,7 @@ from ftp_vllm.plugin.vllm_internals import (
 )
 
 FINAL_NORM = "model.norm.weight"
+logger = init_logger("vllm.ftp_vllm")
 
 
 class RoutedLayerMixin:
@@ -142,6 +144,13 @@ class RoutedModelMixin:
         router = settings.artifact.router
         if isinstance(router, nn.Module):
             router.to(device)
+        if router.needs_scores:
+            # Compiled, the dense parts moved exact-mode (MLP router) bf16 outputs off the
+            # oracle on one CPU (a prompt logprob 0.70 away; eager and plain vLLM: 0.11) and
+            # made greedy tokens depend on the batch: such routers keep them eager.
+            for layer in layers:
+                layer.ftp_inputs, layer.ftp_outputs = layer_inputs, kept_outputs
+                layer.ftp_all_outputs = all_outputs
         runtime = RoutingRuntime(
             router=router,
             schedule=settings.artifact.schedule,
