@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
@@ -42,7 +41,6 @@ from ftp_vllm.plugin.vllm_internals import (
 )
 
 FINAL_NORM = "model.norm.weight"
-logger = init_logger("vllm.ftp_vllm")
 
 
 class RoutedLayerMixin:
@@ -55,10 +53,6 @@ class RoutedLayerMixin:
     def _ftp_init(self, prefix: str, num_layers: int) -> None:
         self.ftp_layer = extract_layer_index(prefix)
         self.ftp_last = self.ftp_layer == num_layers - 1
-        # the dense parts, compiled as vLLM compiles ops outside its graph (one per model)
-        self.ftp_inputs = compiled(layer_inputs)
-        self.ftp_outputs = compiled(kept_outputs)
-        self.ftp_all_outputs = compiled(all_outputs)
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         if torch.compiler.is_compiling():  # the traced (dense) graph: vLLM's own layer
@@ -144,13 +138,15 @@ class RoutedModelMixin:
         router = settings.artifact.router
         if isinstance(router, nn.Module):
             router.to(device)
-        if router.needs_scores:
-            # Compiled, the dense parts moved exact-mode (MLP router) bf16 outputs off the
-            # oracle on one CPU (a prompt logprob 0.70 away; eager and plain vLLM: 0.11) and
-            # made greedy tokens depend on the batch: such routers keep them eager.
-            for layer in layers:
-                layer.ftp_inputs, layer.ftp_outputs = layer_inputs, kept_outputs
-                layer.ftp_all_outputs = all_outputs
+        # The routed layers' dense parts, compiled as vLLM compiles ops outside its graph (one
+        # per model). Routers that read attention scores keep them eager: compiled, they moved
+        # exact-mode (MLP router) bf16 outputs off the oracle on one CPU (a prompt logprob 0.70
+        # away; eager and plain vLLM: 0.11) and made greedy tokens depend on the batch.
+        parts = (layer_inputs, kept_outputs, all_outputs)
+        if not router.needs_scores:
+            parts = tuple(compiled(part) for part in parts)
+        for layer in layers:
+            layer.ftp_inputs, layer.ftp_outputs, layer.ftp_all_outputs = parts
         runtime = RoutingRuntime(
             router=router,
             schedule=settings.artifact.schedule,

@@ -42,7 +42,7 @@ class TokenRouter:
             keep = window_top(self.score(inputs), inputs)
         else:
             keep = self._keep(inputs)
-        return keep | inputs.layout.protected | (inputs.block_sparsity <= 0)
+        return _always_kept(keep, inputs.layout, inputs.block_sparsity)
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         raise NotImplementedError
@@ -92,10 +92,25 @@ def _skip_counts(layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
 def window_top(score: Tensor, inputs: RouterInputs) -> Tensor:
     """Keep mask that skips each window's count of its lowest-scored tokens (ties: the
     earlier token skips first); protected tokens are never among them."""
-    layout = inputs.layout
+    return _window_rank(score, inputs.layout) >= window_skip_counts(inputs)[inputs.layout.seq_ids]
+
+
+def _window_rank(score: Tensor, layout: TokenLayout) -> Tensor:
+    """[T] each token's rank within its window by ascending score, protected tokens last."""
     score = torch.where(layout.protected, torch.full_like(score, torch.inf), score.float())
-    rank = _segment_rank_ascending(score, layout)
-    return rank >= window_skip_counts(inputs)[layout.seq_ids]
+    return _segment_rank_ascending(score, layout)
+
+
+def _static_skip(layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
+    """Tokens a whole prompt skips at its target: round(s * n), at most n - 2 ([T] or [L, T])."""
+    n = layout.token_lengths
+    skip = torch.floor(block_sparsity.double() * n + 0.5).long()
+    return torch.minimum(skip, (n - 2).clamp(min=0))
+
+
+def _always_kept(keep: Tensor, layout: TokenLayout, block_sparsity: Tensor) -> Tensor:
+    """The rules every router obeys: protected tokens and requests at target 0 are kept."""
+    return keep | layout.protected | (block_sparsity <= 0)
 
 
 class DenseRouter(TokenRouter):
@@ -115,11 +130,7 @@ class StaticRouter(TokenRouter):
     """
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
-        layout = inputs.layout
-        n = layout.token_lengths
-        skip = torch.floor(inputs.block_sparsity.double() * n + 0.5).long()
-        skip = torch.minimum(skip, (n - 2).clamp(min=0))
-        return layout.positions > skip
+        return inputs.layout.positions > _static_skip(inputs.layout, inputs.block_sparsity)
 
     def score(self, inputs: RouterInputs) -> Tensor:
         return inputs.layout.positions.float()
@@ -129,14 +140,11 @@ class StaticRouter(TokenRouter):
         tokens once and each block only sets how many of the lowest-ranked skip (equal to
         ``keep`` block by block, tested)."""
         if layout.windowed:
-            score = torch.where(layout.protected, torch.inf, layout.positions.float())
-            rank = _segment_rank_ascending(score, layout)
+            rank = _window_rank(layout.positions.float(), layout)
             keep = rank >= _skip_counts(layout, block_sparsity)[:, layout.seq_ids]
         else:
-            n = layout.token_lengths
-            skip = torch.floor(block_sparsity.double() * n + 0.5).long()
-            keep = layout.positions > torch.minimum(skip, (n - 2).clamp(min=0))
-        return keep | layout.protected | (block_sparsity <= 0)
+            keep = layout.positions > _static_skip(layout, block_sparsity)
+        return _always_kept(keep, layout, block_sparsity)
 
 
 class RandomRouter(TokenRouter):
@@ -149,10 +157,8 @@ class RandomRouter(TokenRouter):
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         layout = inputs.layout
-        n = layout.token_lengths
-        skip = torch.floor(inputs.block_sparsity.double() * n + 0.5).long()
-        skip = torch.minimum(skip, (n - 2).clamp(min=0))
-        noise = torch.rand(layout.num_tokens, generator=self.generator).to(n.device)
+        skip = _static_skip(layout, inputs.block_sparsity)
+        noise = torch.rand(layout.num_tokens, generator=self.generator).to(skip.device)
         noise = torch.where(layout.protected, torch.full_like(noise, 2.0), noise)
         rank = _segment_rank_ascending(noise, layout)
         return rank >= skip
