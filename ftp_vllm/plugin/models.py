@@ -29,7 +29,7 @@ from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from ftp_vllm.artifact import model_fingerprint
 from ftp_vllm.flops import BlockShape
-from ftp_vllm.plugin.dense_parts import all_outputs, compiled, kept_outputs, layer_inputs
+from ftp_vllm.plugin.dense_parts import DenseParts, dense_parts
 from ftp_vllm.plugin.runtime import RoutingRuntime, activate, get_runtime
 from ftp_vllm.plugin.settings import routing_settings
 from ftp_vllm.plugin.vllm_internals import (
@@ -49,6 +49,7 @@ class RoutedLayerMixin:
 
     ftp_layer: int
     ftp_last: bool
+    ftp_parts: DenseParts  # set by the model (one compiled copy per model)
 
     def _ftp_init(self, prefix: str, num_layers: int) -> None:
         self.ftp_layer = extract_layer_index(prefix)
@@ -68,7 +69,11 @@ class RoutedLayerMixin:
                 runtime.finish_step(plan)
 
     def _routed_forward(self, runtime, plan, positions, hidden_states, residual):
-        q, k, v, residual = self.ftp_inputs(self, positions, hidden_states, residual)
+        parts = self.ftp_parts
+        if residual is None:
+            q, k, v, residual = parts.first_inputs(self, positions, hidden_states)
+        else:
+            q, k, v, residual = parts.inputs(self, positions, hidden_states, residual)
         self_attn = self.self_attn
         attn = self_attn.attn
         route = runtime.route(
@@ -76,7 +81,7 @@ class RoutedLayerMixin:
             self_attn.scaling,
         )
         if route is None:  # every token runs this block
-            return self.ftp_all_outputs(self, attn(q, k, v), residual)
+            return parts.all_outputs(self, attn(q, k, v), residual)
 
         num_tokens = q.shape[0]
         key = k.view(num_tokens, attn.num_kv_heads, attn.head_size)
@@ -94,7 +99,7 @@ class RoutedLayerMixin:
             a, b = part.start, part.end
             attend(attn, query[a:b], kept_key[a:b], kept_value[a:b],
                    runtime.part_metadata(plan, part), out=attn_out[a:b])
-        return self.ftp_outputs(self, attn_out.view(num_kept, -1), residual, idx)
+        return parts.kept_outputs(self, attn_out.view(num_kept, -1), residual, idx)
 
 
 class FTPLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
@@ -142,11 +147,9 @@ class RoutedModelMixin:
         # per model). Routers that read attention scores keep them eager: compiled, they moved
         # exact-mode (MLP router) bf16 outputs off the oracle on one CPU (a prompt logprob 0.70
         # away; eager and plain vLLM: 0.11) and made greedy tokens depend on the batch.
-        parts = (layer_inputs, kept_outputs, all_outputs)
-        if not router.needs_scores:
-            parts = tuple(compiled(part) for part in parts)
+        parts = dense_parts(compile=not router.needs_scores)
         for layer in layers:
-            layer.ftp_inputs, layer.ftp_outputs, layer.ftp_all_outputs = parts
+            layer.ftp_parts = parts
         runtime = RoutingRuntime(
             router=router,
             schedule=settings.artifact.schedule,
