@@ -335,9 +335,18 @@ def warm_up(base_url: str, ctx: Context, workloads: list[Workload]) -> None:
         run_multi_turn(base_url, ctx.served, ctx.served, ctx.tokenizer(), tiny, WARMUP_SEED)
 
 
+def _usage_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 3) for k in before}
+
+
 def bench_on_server(base_url: str, ctx: Context, workloads: list[Workload], modes: list[str],
-                    rnd: int, target: float | None) -> list[dict[str, Any]]:
-    """Every workload, every mode on this server, in this round."""
+                    rnd: int, target: float | None, pid: int | None = None,
+                    ) -> list[dict[str, Any]]:
+    """Every workload, every mode on this server, in this round. With the server's `pid`
+    (servers this started), each run also records the server processes' CPU time and page
+    faults (``server_usage``), to tell compute from kernel time between servers."""
+    from ftp_vllm.server.process import usage
+
     runs = []
     order = modes if rnd % 2 == 0 else modes[::-1]
     for wi, w in enumerate(workloads):
@@ -348,20 +357,25 @@ def bench_on_server(base_url: str, ctx: Context, workloads: list[Workload], mode
                 {"vllm_xargs": {"ftp_sparsity": ctx.opts.sparsity}}
                 if mode == ROUTED and ctx.opts.url and ctx.opts.sparsity is not None else None)
             before = _snapshot(base_url)
+            used = usage(pid) if pid else None
             t0 = time.perf_counter()
             metrics = run_workload(base_url, ctx, w, seed, body, f"{mode}-{w.name}-{rnd}")
             wall = time.perf_counter() - t0
+            used = _usage_delta(used, usage(pid)) if used else {}
             after = _settled_snapshot(base_url, before)
             runs.append({
                 "mode": mode, "workload": w.name, "round": rnd, "seed": seed,
                 "sparsity": 0.0 if mode == DENSE else (target if mode == ROUTED else None),
                 "wall_s": wall, **metrics,
                 "routing": routing_delta(before, after) if mode in (ROUTED, DENSE) else {},
-                "prefix_cache": cache_delta(before, after)})
+                "prefix_cache": cache_delta(before, after), "server_usage": used})
             r = runs[-1]
+            cost = (f", server CPU {used['user_s']:.1f} s user + {used['system_s']:.1f} s "
+                    f"system, {used['minor_faults']} minor faults" if used else "")
             print(f"[serve-bench] round {rnd} {mode:>17} {w.name:>13}: "
                   f"{r.get('total_token_throughput', 0):.1f} tok/s, median TTFT "
-                  f"{r.get('median_ttft_ms', 0):.0f} ms, failed {r.get('failed')}", flush=True)
+                  f"{r.get('median_ttft_ms', 0):.0f} ms, failed {r.get('failed')}{cost}",
+                  flush=True)
     return runs
 
 
@@ -506,7 +520,7 @@ def bench_servers(opts: argparse.Namespace, workloads: list[Workload],
                 ctx = Context(_served_model(srv.url), model, opts)
                 warm_up(srv.url, ctx, workloads)
                 record["runs"] += bench_on_server(srv.url, ctx, workloads, s.modes, rnd,
-                                                  target)
+                                                  target, pid=srv.proc.pid)
             save(record, opts, complete=False)  # a later failure keeps what was measured
 
 

@@ -191,6 +191,25 @@ def descendants(pid: int) -> list[int]:
     return sorted(found)
 
 
+def usage(pid: int) -> dict[str, float]:
+    """CPU seconds (user, system) and page faults (minor, major) of `pid` and every live
+    process below it, from /proc (Linux): a server's cost as the kernel counts it, engine
+    core included. Differences between two calls give one run's share."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = {"user_s": 0.0, "system_s": 0.0, "minor_faults": 0, "major_faults": 0}
+    for p in [pid, *descendants(pid)]:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        f = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session tty tpgid flags minflt
+        total["minor_faults"] += int(f[7])
+        total["major_faults"] += int(f[9])
+        total["user_s"] += int(f[11]) / tick
+        total["system_s"] += int(f[12]) / tick
+    return total
+
+
 def alive(pids: list[int]) -> list[int]:
     """Those of `pids` still running (not zombies)."""
     live = _live_processes()
