@@ -59,12 +59,14 @@ def user_message(body: str) -> str:
 
 
 def build_prompts(tokenizer: Any, lengths: tuple[int, ...] | list[int], per_bucket: int,
-                  seed: int = 0) -> list[HeldoutPrompt]:
+                  seed: int = 0, passages: tuple[str, ...] | None = None,
+                  ) -> list[HeldoutPrompt]:
     """`per_bucket` prompts of at most (and close to) each length in `lengths`, in tokens of
-    the chat-templated prompt."""
+    the chat-templated prompt; from the held-out passages unless `passages` are given (the
+    schedule search builds prompts of the same form from calibration text)."""
     if per_bucket < 1:
         raise ValueError(f"prompts per bucket must be >= 1, got {per_bucket}")
-    passages = heldout_passages()
+    passages = heldout_passages() if passages is None else passages
     overhead = len(chat_prompt_ids(tokenizer, user_message("")))
     prompts = []
     for length in lengths:
@@ -101,7 +103,7 @@ def _fill(tokenizer: Any, passages: tuple[str, ...], stream, length: int,
             parts.append(" ".join(words[:lo]))
         break
     else:
-        raise DataError(f"ran out of held-out passages building a {length}-token prompt")
+        raise DataError(f"ran out of passages building a {length}-token prompt")
     text = user_message("\n\n".join(parts))
     ids = tuple(int(t) for t in chat_prompt_ids(tokenizer, text))
     return HeldoutPrompt(bucket=length, index=index, text=text, ids=ids, passages=len(parts))

@@ -35,6 +35,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sp.add_argument("--generations", type=int, default=8)
     sp.add_argument("--num-seqs", type=int, default=4, help="tune-split sequences for fitness")
     sp.add_argument("--seq-len", type=int, default=128)
+    sp.add_argument("--chat-lengths", type=int, nargs="+", default=None, metavar="N",
+                    help="fitness on chat prompts instead: tune-split passages in the chat "
+                    "template (the form of the held-out fidelity prompts, other text), "
+                    "--num-seqs per length, KL at each prompt's last token (the first "
+                    "generated token's distribution)")
     sp.add_argument("--window", type=int, default=None,
                     help="search for window routing over aligned windows of this many tokens "
                     "(composes with prefix caching and chunked prefill; docs/ROUTER.md); "
@@ -127,9 +132,22 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
         base = load_artifact(args.router)
         base.check_model(fingerprint, args.router)
         router, kind = base.router, base.kind
-    seqs = calibration_sequences(tokenizer, "tune", args.num_seqs, args.seq_len, args.seed)
+    if args.chat_lengths:
+        from ftp_vllm.data.calibration import calibration_passages
+        from ftp_vllm.eval.heldout import build_prompts
+
+        prompts = build_prompts(tokenizer, args.chat_lengths, args.num_seqs, args.seed,
+                                passages=tuple(calibration_passages("tune")))
+        seqs = [torch.tensor(p.ids) for p in prompts]
+        data = (f"lambada tune split in the chat template, {args.num_seqs} prompt(s) of about "
+                f"each of {args.chat_lengths} tokens")
+        fitness_text, tail = "-KL(dense || routed), last token/prompt", 1
+    else:
+        seqs = calibration_sequences(tokenizer, "tune", args.num_seqs, args.seq_len, args.seed)
+        data = f"lambada tune split, {args.num_seqs} x {args.seq_len} tokens"
+        fitness_text, tail = "-KL(dense || routed), last 16 tokens/seq", 16
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
-    at = tail_positions(lengths, 16)
+    at = tail_positions(lengths, tail)
     cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
     found, history = {}, {}
     start = time.perf_counter()
@@ -156,8 +174,8 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
         provenance=_provenance(
             args, model_path,
             schedule_search={
-                "data": f"lambada tune split, {args.num_seqs} x {args.seq_len} tokens",
-                "fitness": "-KL(dense || routed), last 16 tokens/seq, - 10 x sparsity shortfall",
+                "data": data,
+                "fitness": f"{fitness_text}, - 10 x sparsity shortfall",
                 "config": vars(cfg), "best_fitness_per_generation": history,
                 "seconds": round(time.perf_counter() - start, 1),
             },
