@@ -198,6 +198,33 @@ def test_prompts_fill_buckets_deterministically_without_calibration_text(calibra
         build_prompts(tok, [20], 1)
 
 
+def test_schedule_search_chat_prompts_hold_tune_text_only():
+    """`ftp-vllm schedule --chat-lengths`: prompts of the held-out form, from the tune split
+    (whole passages, the last one possibly cut after some words), none from held-out text."""
+    from transformers import AutoTokenizer
+
+    from ftp_vllm.data.calibration import calibration_passages, split_of
+    from ftp_vllm.eval.heldout import INSTRUCTION, heldout_passages
+    from ftp_vllm.training.command import fitness_sequences
+
+    tok = AutoTokenizer.from_pretrained(str(prepared_default_model()))
+    seqs, data, _, tail = fitness_sequences(tok, 2, 128, [96, 320], seed=0)
+    assert len(seqs) == 4 and tail == 1 and "chat template" in data
+    tune = calibration_passages("tune")
+    held = set(heldout_passages())
+    for ids in seqs:
+        text = tok.decode(ids)
+        body = text.split("<|im_start|>user\n")[-1].split(INSTRUCTION)[0]
+        pieces = [x.strip() for x in body.split("\n\n") if x.strip()]
+        assert pieces
+        for piece in pieces:
+            source = [t for t in tune if t.strip().startswith(piece)]
+            assert source and split_of(source[0]) == "tune", piece[:80]
+            assert piece not in held
+    assert all(80 <= len(s) <= 96 for s in seqs[:2])
+    assert all(270 <= len(s) <= 320 for s in seqs[2:])
+
+
 # ------------------------------------------------------- command, results file, report
 
 

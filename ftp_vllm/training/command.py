@@ -109,9 +109,29 @@ def _provenance(args: argparse.Namespace, model_path: Path, **extra) -> dict:
     }
 
 
+def fitness_sequences(tokenizer, num_seqs: int, seq_len: int,
+                      chat_lengths: list[int] | None, seed: int = 0,
+                      ) -> tuple[list[torch.Tensor], str, str, int]:
+    """The schedule search's fitness text (tune split only): sequences, their description, the
+    fitness's, and how many last tokens of each the KL reads. Chat prompts (`chat_lengths`)
+    are scored where serving users feel it, at the last token (the first generated token)."""
+    from ftp_vllm.data.calibration import calibration_passages, calibration_sequences
+
+    if chat_lengths:
+        from ftp_vllm.eval.heldout import build_prompts
+
+        prompts = build_prompts(tokenizer, chat_lengths, num_seqs, seed,
+                                passages=tuple(calibration_passages("tune")))
+        return ([torch.tensor(p.ids) for p in prompts],
+                f"lambada tune split in the chat template, {num_seqs} prompt(s) of about "
+                f"each of {chat_lengths} tokens", "-KL(dense || routed), last token/prompt", 1)
+    return (calibration_sequences(tokenizer, "tune", num_seqs, seq_len, seed),
+            f"lambada tune split, {num_seqs} x {seq_len} tokens",
+            "-KL(dense || routed), last 16 tokens/seq", 16)
+
+
 def _cmd_schedule(args: argparse.Namespace) -> None:
     from ftp_vllm.artifact import RouterArtifact, load_artifact
-    from ftp_vllm.data.calibration import calibration_sequences
     from ftp_vllm.routing.router import StaticRouter
     from ftp_vllm.routing.schedule import SparsitySchedule
     from ftp_vllm.training.schedule_search import (
@@ -132,20 +152,8 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
         base = load_artifact(args.router)
         base.check_model(fingerprint, args.router)
         router, kind = base.router, base.kind
-    if args.chat_lengths:
-        from ftp_vllm.data.calibration import calibration_passages
-        from ftp_vllm.eval.heldout import build_prompts
-
-        prompts = build_prompts(tokenizer, args.chat_lengths, args.num_seqs, args.seed,
-                                passages=tuple(calibration_passages("tune")))
-        seqs = [torch.tensor(p.ids) for p in prompts]
-        data = (f"lambada tune split in the chat template, {args.num_seqs} prompt(s) of about "
-                f"each of {args.chat_lengths} tokens")
-        fitness_text, tail = "-KL(dense || routed), last token/prompt", 1
-    else:
-        seqs = calibration_sequences(tokenizer, "tune", args.num_seqs, args.seq_len, args.seed)
-        data = f"lambada tune split, {args.num_seqs} x {args.seq_len} tokens"
-        fitness_text, tail = "-KL(dense || routed), last 16 tokens/seq", 16
+    seqs, data, fitness_text, tail = fitness_sequences(
+        tokenizer, args.num_seqs, args.seq_len, args.chat_lengths, args.seed)
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
     at = tail_positions(lengths, tail)
     cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
