@@ -164,16 +164,19 @@ def _live_processes() -> dict[int, tuple[int, int]]:
     """{pid: (ppid, pgrp)} of every live (non-zombie) process, from /proc (Linux)."""
     out = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
-        if fields[0] != "Z":
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and fields[0] != "Z":
             out[int(entry.name)] = (int(fields[1]), int(fields[2]))
     return out
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after "pid (comm)": state ppid pgrp session tty tpgid flags minflt
+    cminflt majflt cmajflt utime stime ...; None once the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def group_pids(pgid: int) -> list[int]:
@@ -198,11 +201,9 @@ def usage(pid: int) -> dict[str, float]:
     tick = os.sysconf("SC_CLK_TCK")
     total = {"user_s": 0.0, "system_s": 0.0, "minor_faults": 0, "major_faults": 0}
     for p in [pid, *descendants(pid)]:
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
+        f = _stat(p)
+        if f is None:
             continue
-        f = stat.rsplit(")", 1)[1].split()  # state ppid pgrp session tty tpgid flags minflt
         total["minor_faults"] += int(f[7])
         total["major_faults"] += int(f[9])
         total["user_s"] += int(f[11]) / tick
