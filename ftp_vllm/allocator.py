@@ -41,17 +41,15 @@ def find_tcmalloc() -> str | None:
 
 
 def use_tcmalloc(environ: dict[str, str] | None = None) -> str | None:
-    """Preload tcmalloc into the engine processes vLLM spawns from here; returns the
-    allocator library in use (None on a GPU platform, off Linux, or when tcmalloc is not
-    installed: callers then warn with ``MISSING``). An allocator the user already preloads
-    (tcmalloc, jemalloc, mimalloc) is kept as it is."""
+    """Preload tcmalloc into the engine processes vLLM spawns from here (callers check
+    ``cpu_platform()`` first: GPU engines do not want it); returns the allocator library in
+    use, None when tcmalloc is not installed (callers then warn with ``MISSING``). An
+    allocator the user already preloads (tcmalloc, jemalloc, mimalloc) is kept as it is."""
     env = os.environ if environ is None else environ
     preload = env.get("LD_PRELOAD", "")
     chosen = [p for p in preload.replace(" ", ":").split(":") if any(a in p for a in _ALLOCATORS)]
     if chosen:
         return chosen[0]
-    if not cpu_platform():
-        return None
     lib = find_tcmalloc()
     if lib is not None:
         env["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib

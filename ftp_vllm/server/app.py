@@ -197,12 +197,14 @@ def _preload_allocator(logger: Any) -> None:
     routed or not, so a plain-vLLM baseline runs on the same allocator."""
     from ftp_vllm.allocator import MISSING, cpu_platform, use_tcmalloc
 
+    if not cpu_platform():
+        return
     lib = use_tcmalloc()
-    if lib is not None:
+    if lib is None:
+        logger.warning("%s", MISSING)
+    else:
         logger.info("memory allocator: %s, preloaded into vLLM's engine processes (vLLM's "
                     "CPU guide)", lib)
-    elif cpu_platform():
-        logger.warning("%s", MISSING)
 
 
 def _logger():
