@@ -250,6 +250,24 @@ def test_markdown_shows_both_baselines_per_workload():
     assert st.markdown_section([]).startswith("_No serving benchmark yet")
 
 
+def test_markdown_shows_the_newest_record_of_each_target():
+    """A `--sparsity 0` run (the plugin's cost when nothing routes) is shown next to the
+    served default's, not instead of it; an older run of the same target is not shown."""
+    def record(target, created, routed_tps):
+        runs = [_run("vanilla-default", 0, 600, 9000),
+                _run("routed", 0, routed_tps, 9000, routing={"token_sparsity": target})]
+        return {"kind": st.KIND, "format": st.FORMAT, "created": created, "target": target,
+                "command": f"ftp-vllm serve-bench --sparsity {target}", "rounds": 1,
+                "servers": {}, "workloads": {}, "runs": runs, "summary": st.summarize(runs)}
+
+    old, zero, new = record(0.3, "2026-01", 700), record(0.0, "2026-03", 597), \
+        record(0.3, "2026-02", 720)
+    assert st.latest_per_target([zero, old, {"kind": "eval"}, new]) == [new, zero]
+    md = st.markdown_section([zero, old, new])
+    assert md.index("--sparsity 0.3`") < md.index("--sparsity 0.0`")
+    assert "| 1.20x |" in md and "| 1.00x |" in md and "| 1.17x |" not in md
+
+
 # ------------------------------------------------------------------------ end to end (slow)
 @pytest.mark.slow
 @pytest.mark.vllm

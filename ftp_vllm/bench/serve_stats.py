@@ -19,8 +19,6 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from ftp_vllm.bench.results import latest
-
 KIND = "serve-bench"
 FORMAT = 2  # record layout; records without "format" are the single-server (dense/routed) kind
 
@@ -127,11 +125,30 @@ def _pct(s: dict | None) -> str:
     return "-" if not s else f"{100 * s['median']:.0f}%"
 
 
+def latest_per_target(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest serve-bench record of each routed target, highest target first (the
+    served default's run, then e.g. a `--sparsity 0` run measuring the plugin's cost)."""
+    newest: dict[Any, dict[str, Any]] = {}
+    for rec in results:
+        if rec.get("kind") == KIND:
+            key = rec.get("target")
+            if key not in newest or rec.get("created", "") > newest[key].get("created", ""):
+                newest[key] = rec
+    return sorted(newest.values(),
+                  key=lambda r: (r.get("target") is None, -(r.get("target") or 0)))
+
+
 def markdown_section(results: list[dict[str, Any]]) -> str:
-    """Markdown for the latest serve-bench result (a `ftp_vllm.report` section)."""
-    rec = latest(results, KIND)
-    if rec is None:
+    """Markdown for the newest serve-bench result of each routed target (a `ftp_vllm.report`
+    section)."""
+    recs = latest_per_target(results)
+    if not recs:
         return "_No serving benchmark yet: run `ftp-vllm serve-bench`._\n"
+    return "\n".join(record_markdown(rec) for rec in recs)
+
+
+def record_markdown(rec: dict[str, Any]) -> str:
+    """One serve-bench record: summary per workload, then every run."""
     if rec.get("format", 1) < FORMAT:
         return legacy_markdown(rec)
     hw, srv = rec.get("hardware", {}), rec.get("servers", {})
