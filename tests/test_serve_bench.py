@@ -241,6 +241,7 @@ def test_markdown_shows_both_baselines_per_workload():
               "runs": runs, "summary": st.summarize(runs)}
     md = st.markdown_section([{"kind": "eval"}, record])
     assert "`ftp-vllm serve-bench`" in md and "`--enforce-eager`" in md
+    assert "against three servers started one at a time" in md
     assert ("| random-1024: 8 random prompts | tok/s | 630 (600-660) | 400 (380-420) | "
             "500 (470-520) | 0.79x (0.75-0.83) | 1.25x (1.24-1.25) | 0.310 | 0% / - |") in md
     assert ("| | median TTFT s | 9.10 (9.00-9.20) | 16.00 (16.00-16.00) | "
@@ -266,6 +267,7 @@ def test_markdown_shows_the_newest_record_of_each_target():
     md = st.markdown_section([zero, old, new])
     assert md.index("--sparsity 0.3`") < md.index("--sparsity 0.0`")
     assert "| 1.20x |" in md and "| 1.00x |" in md and "| 1.17x |" not in md
+    assert "against two servers started one at a time" in md
 
 
 # ------------------------------------------------------------------------ end to end (slow)

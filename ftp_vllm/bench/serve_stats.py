@@ -147,6 +147,13 @@ def markdown_section(results: list[dict[str, Any]]) -> str:
     return "\n".join(record_markdown(rec) for rec in recs)
 
 
+def _servers(rec: dict[str, Any]) -> str:
+    """How many servers the record ran, in words."""
+    modes = [m for m in MODES if any(r.get("mode") == m for r in rec.get("runs", []))]
+    words = {1: "one server", 2: "two servers", 3: "three servers", 4: "four servers"}
+    return words.get(len(modes), f"{len(modes)} servers")
+
+
 def record_markdown(rec: dict[str, Any]) -> str:
     """One serve-bench record: summary per workload, then every run."""
     if rec.get("format", 1) < FORMAT:
@@ -165,7 +172,7 @@ def record_markdown(rec: dict[str, Any]) -> str:
         f"`{rec.get('command', 'ftp-vllm serve-bench')}`",
         "",
         f"vLLM's benchmark client (`vllm bench serve`, in-process; multi-turn through its chat "
-        f"request function) against three servers started one at a time (vLLM "
+        f"request function) against {_servers(rec)} started one at a time (vLLM "
         f"{rec.get('vllm', '?')}, {hw.get('machine', '?')}, {hw.get('cpus', '?')} CPUs, model "
         f"{rec.get('model', '?')}, router {rec.get('router') or '-'}, target "
         f"{rec.get('target') if rec.get('target') is not None else '-'}), "
