@@ -19,6 +19,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from ftp_vllm.bench.results import latest
+
 KIND = "serve-bench"
 FORMAT = 2  # record layout; records without "format" are the single-server (dense/routed) kind
 
@@ -128,14 +130,12 @@ def _pct(s: dict | None) -> str:
 def latest_per_target(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The newest serve-bench record of each routed target, highest target first (the
     served default's run, then e.g. a `--sparsity 0` run measuring the plugin's cost)."""
-    newest: dict[Any, dict[str, Any]] = {}
+    by_target: dict[Any, list[dict[str, Any]]] = {}
     for rec in results:
         if rec.get("kind") == KIND:
-            key = rec.get("target")
-            if key not in newest or rec.get("created", "") > newest[key].get("created", ""):
-                newest[key] = rec
-    return sorted(newest.values(),
-                  key=lambda r: (r.get("target") is None, -(r.get("target") or 0)))
+            by_target.setdefault(rec.get("target"), []).append(rec)
+    newest = [latest(recs, KIND) for recs in by_target.values()]
+    return sorted(newest, key=lambda r: (r.get("target") is None, -(r.get("target") or 0)))
 
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
