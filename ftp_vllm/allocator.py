@@ -9,8 +9,9 @@ served random-1024 workload, a tenth of its time (docs/PERFORMANCE.md, "Memory a
 ``use_tcmalloc`` puts the system's tcmalloc (Debian/Ubuntu: ``libtcmalloc-minimal4``; ``make
 malloc`` installs it where it can) into ``LD_PRELOAD`` before vLLM spawns its engine (vLLM
 spawns on CPU), the same way vLLM does for its bundled copy. Plain vLLM started by this
-project (``ftp-vllm serve --no-routing``, the benchmarks' baselines) gets it too, so
-comparisons stay like for like.
+project (``ftp-vllm serve --no-routing``, the serving benchmark's baselines, both engines of
+``ftp-vllm bench prefill``) gets it too, so comparisons stay like for like
+(``preload_for_engines``).
 """
 
 from __future__ import annotations
@@ -65,3 +66,16 @@ def cpu_platform() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def preload_for_engines() -> tuple[bool, str] | None:
+    """tcmalloc for the engine processes vLLM is about to spawn from this process, routed or
+    not, so a plain-vLLM baseline runs on the same allocator. Returns (found, what to tell
+    the user), None off the CPU platform (GPU engines keep their allocator)."""
+    if not cpu_platform():
+        return None
+    lib = use_tcmalloc()
+    if lib is None:
+        return False, MISSING
+    return True, (f"memory allocator: {lib}, preloaded into vLLM's engine processes (vLLM's "
+                  "CPU guide)")

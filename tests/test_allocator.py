@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-from ftp_vllm.allocator import find_tcmalloc, use_tcmalloc
+from ftp_vllm.allocator import MISSING, find_tcmalloc, preload_for_engines, use_tcmalloc
 
 pytest.importorskip("vllm")
 
@@ -38,3 +39,19 @@ def test_a_process_started_with_it_maps_tcmalloc():
         [sys.executable, "-c", "print(open('/proc/self/maps').read())"],
         env=env, capture_output=True, text=True, check=True).stdout
     assert lib in maps
+
+
+def test_engines_spawned_from_here_get_it_and_the_user_is_told(monkeypatch):
+    """What `ftp-vllm serve` and `ftp-vllm bench prefill` do before starting engines."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)  # restored after the test
+    result = preload_for_engines()
+    if result is None:
+        pytest.skip("vLLM does not run on the CPU here")
+    found, message = result
+    lib = find_tcmalloc()
+    if lib is None:
+        assert (found, message) == (False, MISSING)
+        assert "LD_PRELOAD" not in os.environ
+    else:
+        assert found and lib in message
+        assert os.environ["LD_PRELOAD"] == lib

@@ -7,8 +7,10 @@ every round), so drift of the machine hits both alike; each point reports the me
 rounds of the per-round ratio and its spread (min-max). Every timed batch uses fresh random
 prompts, so no prefix-cache hit fakes a speedup. One routed engine serves every sparsity
 through the per-request target. Prefill is timed as generation of one token; decode as the
-extra time of `--decode-tokens` tokens over that. Beside each measured ratio: the FLOP-model
-ideal speedup of the same requests (from the plugin's statistics).
+extra time of `--decode-tokens` tokens over that (64 by default: with fewer, the two prefills'
+own spread is a large part of the difference). Beside each measured ratio: the FLOP-model
+ideal speedup of the same requests (from the plugin's statistics). Both engines run on the
+allocator `ftp-vllm serve` gives its engines (tcmalloc on CPU, ``ftp_vllm.allocator``).
 
     ftp-vllm bench prefill --lengths 512 1024 2048 --rounds 3
 """
@@ -44,7 +46,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=1, help="prompts per timed batch")
     p.add_argument("--rounds", type=int, default=3,
                    help="alternating rounds (each times every point once per engine)")
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-tokens", type=int, default=64,
+                   help="tokens generated for the decode measurement (default 64)")
     p.add_argument("--dtype", default="bfloat16", help="served dtype (default bfloat16)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.set_defaults(func=_cmd_prefill)
@@ -140,6 +143,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         tn = timed(llm, decode_len, params(s, 1 + args.decode_tokens))
         return args.prompts * args.decode_tokens / max(tn - t1, 1e-9)
 
+    from ftp_vllm.allocator import preload_for_engines
+
+    allocator = preload_for_engines()  # as `ftp-vllm serve` does, for both engines
+    if allocator is not None:
+        print(allocator[1], file=sys.stderr)
     print(f"vanilla vLLM (defaults): {model_dir}", file=sys.stderr)
     vanilla = _engine(model_dir, max_len, args.dtype, None)
     print(f"routed vLLM: router {router}", file=sys.stderr)

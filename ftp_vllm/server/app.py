@@ -157,6 +157,7 @@ def main(argv: Sequence[str]) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
+    from ftp_vllm.allocator import preload_for_engines
     from ftp_vllm.artifact import ArtifactError
 
     cli_env_setup()
@@ -173,7 +174,10 @@ def main(argv: Sequence[str]) -> int:
     logger.info("%s", routing.describe())
     if kv_cache is not None:
         logger.info("%s", kv_cache.describe())
-    _preload_allocator(logger)
+    allocator = preload_for_engines()
+    if allocator is not None:
+        found, message = allocator
+        (logger.info if found else logger.warning)("%s", message)
 
     if args.headless:  # multi-node data-parallel workers: no API server, vLLM's own path
         from vllm.entrypoints.cli.serve import ServeSubcommand
@@ -190,21 +194,6 @@ def main(argv: Sequence[str]) -> int:
 
     uvloop.run(run_server(args, routing))
     return 0
-
-
-def _preload_allocator(logger: Any) -> None:
-    """tcmalloc for the engine processes vLLM is about to spawn (``ftp_vllm.allocator``),
-    routed or not, so a plain-vLLM baseline runs on the same allocator."""
-    from ftp_vllm.allocator import MISSING, cpu_platform, use_tcmalloc
-
-    if not cpu_platform():
-        return
-    lib = use_tcmalloc()
-    if lib is None:
-        logger.warning("%s", MISSING)
-    else:
-        logger.info("memory allocator: %s, preloaded into vLLM's engine processes (vLLM's "
-                    "CPU guide)", lib)
 
 
 def _logger():
