@@ -306,3 +306,47 @@ def test_stats_join_a_chunked_prompts_steps_into_one_record():
     assert rec["prompt_tokens"] == 20 and rec["kept_per_layer"] == keeps.sum(1).tolist()
     assert rec["token_sparsity"] == pytest.approx(1 - keeps.mean())
     assert np.array_equal(stats.masks["a"], keeps)
+
+
+def test_split_windows_route_every_prompt_token_decided_by_whole_windows():
+    """Position-only routers: a chunk [5, 13) of a 20-token prompt is routed in full, decided
+    by the windows [0, 8) and [8, 16) it touches; the last chunk [13, 20) by [8, 20)."""
+    from ftp_vllm.plugin.plan import plan_tokens
+
+    mid = plan_tokens(np.array([0, 8]), np.array([13]), np.array([20]), np.array([0.3]),
+                      WINDOW, split_windows=True)
+    assert (mid.routed_starts.tolist(), mid.routed_lens.tolist()) == ([5], [8])
+    assert (mid.decide_starts.tolist(), mid.decide_ends.tolist()) == ([0], [16])
+    assert mid.unaligned == 0 and mid.routed_idx.tolist() == list(range(8))
+    last = plan_tokens(np.array([0, 7]), np.array([20]), np.array([20]), np.array([0.3]),
+                       WINDOW, split_windows=True)
+    assert (last.decide_starts.tolist(), last.decide_ends.tolist()) == ([8], [20])
+    assert last.completing.tolist() == [0]
+
+
+@pytest.mark.parametrize("bounds", [(0, 5, 13, 20), (0, 1, 2, 19, 20), (0, 8, 16, 20),
+                                    (0, 20), (3, 11, 20)])
+def test_split_window_decisions_equal_the_whole_prompt_decisions(bounds):
+    """The static router's keep masks for chunks that end anywhere (the first bound > 0: a
+    prefix-cache hit) equal the whole prompt's masks over the same tokens, at every block;
+    two requests share each step so their columns must not mix."""
+    import torch
+
+    from ftp_vllm.plugin.plan import plan_tokens
+    from ftp_vllm.plugin.runtime import _split_window_decisions
+    from ftp_vllm.routing.layout import TokenLayout
+    from ftp_vllm.routing.router import StaticRouter
+
+    router, n = StaticRouter(), bounds[-1]
+    blocks = [torch.tensor([0.1, 0.3, 0.45, 0.6], dtype=torch.float64),
+              torch.tensor([0.2, 0.2, 0.5, 0.05], dtype=torch.float64)]
+    whole = [router.keep_layers(TokenLayout.windows([n], WINDOW),
+                                b[:, None].expand(-1, n).contiguous()).numpy() for b in blocks]
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        q = b - a  # two requests, same prompt length, same chunk: ids 0 and 1
+        tokens = plan_tokens(np.array([0, q, 2 * q]), np.array([b, b]), np.array([n, n]),
+                             np.array([0.3, 0.3]), WINDOW, split_windows=True)
+        keeps, decided = _split_window_decisions(router, tokens, blocks, WINDOW)
+        assert decided and keeps.shape == (4, 2 * q)
+        assert np.array_equal(keeps[:, :q], whole[0][:, a:b]), (a, b)
+        assert np.array_equal(keeps[:, q:], whole[1][:, a:b]), (a, b)

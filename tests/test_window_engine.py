@@ -169,6 +169,44 @@ def test_dense_requests_equal_vanilla_with_the_same_features(llm, tiny_llama_dir
         assert torch.equal(prompt_logprobs(w), prompt_logprobs(g))
 
 
+def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_dir, hf, prompts,
+                                                                  tmp_path):
+    """The static router reads positions only, so the scheduler no longer cuts chunks back to
+    window boundaries: with a 37-token budget (windows of 16) chunks end inside windows, and
+    cold, warm and batched runs still equal the cold whole-prompt reference, masks included;
+    nothing runs dense for being split."""
+    from vllm import LLM
+
+    path = make_artifact(tmp_path / "static-window", hf[0], kind="static",
+                         window=WINDOW)
+    art = load_artifact(path)
+    engine = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(path, SPARSITY),
+                 enable_chunked_prefill=True, max_num_batched_tokens=37,
+                 enable_prefix_caching=True, **engine_kwargs())
+    engine.collective_rpc("ftp_record_masks")
+    try:
+        sampling = params(sparsity=SPARSITY, prompt_logprobs=None)
+        refs = [reference(hf[1], art, p) for p in prompts]
+        for attempt in ("cold", "warm"):
+            outs, masks = run(engine, prompts, sampling)
+            for p, out, mask, (tokens, _lp, keep) in zip(prompts, outs, masks, refs,
+                                                         strict=True):
+                assert list(out.outputs[0].token_ids) == tokens, (attempt, len(p))
+                if attempt == "cold":
+                    assert mask is not None and torch.equal(mask, keep), len(p)
+        # one 148-token prompt alone: 4 chunks of 37 (window-aligned chunks would take 5)
+        lone = random_prompt(148, seed=5)
+        before = engine.collective_rpc("ftp_routing_stats")[0]["routed_steps"]
+        outs, masks = run(engine, [lone], sampling)
+        assert engine.collective_rpc("ftp_routing_stats")[0]["routed_steps"] - before == 4
+        tokens, _lp, keep = reference(hf[1], art, lone)
+        assert list(outs[0].outputs[0].token_ids) == tokens
+        assert torch.equal(masks[0], keep)
+        assert engine.collective_rpc("ftp_routing_stats")[0]["unaligned_tokens"] == 0
+    finally:
+        shutdown(engine)
+
+
 # ------------------------------------------------------------ SmolLM2, the served default
 TURN_TOKENS = 24
 ANSWER_TOKENS = 200  # the first answer fills the KV block holding the first prompt's tail

@@ -27,17 +27,26 @@ class TokenPlan:
     completing: np.ndarray  # [Rc] batch index of requests whose prompt ends in this step
     partial: bool  # some prompt arrived in pieces (chunked prefill or a prefix-cache hit)
     unaligned: int  # window routing: prompt tokens run dense because their window was split
+    # [Rr] prompt positions [start, end) whose windows decide the routed tokens: the routed
+    # tokens themselves, or, where a step holds part of a window (``split_windows``), every
+    # window they touch in full
+    decide_starts: np.ndarray
+    decide_ends: np.ndarray
 
 
 def plan_tokens(query_start: np.ndarray, seq_lens: np.ndarray, num_prompt: np.ndarray,
-                targets: np.ndarray, window: int | None = None) -> TokenPlan:
+                targets: np.ndarray, window: int | None = None,
+                split_windows: bool = False) -> TokenPlan:
     """The step's routed prompt tokens, for requests whose target is above 0.
 
     ``exact`` routing (``window`` None): a prompt is routed only when it arrives whole in this
     step (nothing computed before, at least two tokens); pieces run dense. ``window`` routing:
     the prompt tokens of the step that fill whole aligned windows of ``window`` positions, or
     the prompt's last (possibly short) window; tokens of a window split across steps run dense
-    (the engine's scheduler aligns chunks and cache hits so this does not happen).
+    (the engine's scheduler aligns chunks and cache hits so this does not happen), unless
+    ``split_windows`` (routers whose decisions depend on positions only): then every prompt
+    token of the step is routed, decided from the whole windows it belongs to
+    (``decide_starts`` / ``decide_ends``).
 
     ``query_start`` [R+1]: offsets of each request's tokens in the step; ``seq_lens`` [R]:
     tokens of each request after the step; ``num_prompt`` [R]; ``targets`` [R] mean sparsity.
@@ -57,6 +66,9 @@ def plan_tokens(query_start: np.ndarray, seq_lens: np.ndarray, num_prompt: np.nd
         ok = wants & (computed == 0) & (q_lens >= 2) & (prompt_end == num_prompt)
         start = np.zeros_like(computed)
         end = np.where(ok, num_prompt, 0)
+    elif split_windows:
+        ok = wants & in_prompt & (prompt_end > computed)
+        start, end = np.where(ok, computed, 0), np.where(ok, prompt_end, 0)
     else:
         start = -(-computed // window) * window  # first window boundary at or after computed
         end = np.where(prompt_end == num_prompt, num_prompt, prompt_end // window * window)
@@ -75,5 +87,10 @@ def plan_tokens(query_start: np.ndarray, seq_lens: np.ndarray, num_prompt: np.nd
     num_tokens = int(query_start[-1])
     tok_req = np.repeat(np.arange(len(q_lens)), q_lens)
     tok_pos = computed[tok_req] + (np.arange(num_tokens) - query_start[tok_req])
+    decide_starts, decide_ends = routed_starts, routed_starts + routed_lens
+    if window is not None and split_windows:
+        decide_starts = routed_starts // window * window
+        decide_ends = np.minimum(-(-decide_ends // window) * window, num_prompt[routed_reqs])
     return TokenPlan(routed_reqs, routed_starts, routed_lens, num_prompt[routed_reqs],
-                     routed_idx, tok_req, tok_pos, completing, partial, unaligned)
+                     routed_idx, tok_req, tok_pos, completing, partial, unaligned,
+                     decide_starts, decide_ends)

@@ -139,6 +139,8 @@ class RoutingRuntime:
     ):
         self.router = router
         self.window = window  # window routing over aligned windows; None: exact
+        # a window may be computed over several steps when decisions read positions only
+        self.split_windows = window is not None and router.position_only
         self.schedule = schedule
         self.default_sparsity = float(default_sparsity)
         self.num_layers = num_layers
@@ -233,7 +235,8 @@ class RoutingRuntime:
             self._warn_once("info", "request info does not match the batch; step served dense")
             return None
         seq_lens = step.seq_lens[:num_reqs].cpu().numpy()
-        tokens = plan_tokens(query_start, seq_lens, info.num_prompt, info.sparsity, self.window)
+        tokens = plan_tokens(query_start, seq_lens, info.num_prompt, info.sparsity, self.window,
+                             self.split_windows)
         if tokens.partial and self.window is None:
             self._warn_once(
                 "partial",
@@ -267,7 +270,10 @@ class RoutingRuntime:
                 tokens.routed_prompt, self.window, device=device)
         tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens)
         block_sparsity = torch.stack(blocks)[tok_routed].T.contiguous()  # [L, Tr], host
-        keeps, decided = self._host_decisions(layout, block_sparsity)
+        if self.split_windows:
+            keeps, decided = _split_window_decisions(self.router, tokens, blocks, self.window)
+        else:
+            keeps, decided = self._host_decisions(layout, block_sparsity)
         block_sparsity = block_sparsity.to(device)
         return StepPlan(
             num_tokens=num_tokens,
@@ -405,6 +411,23 @@ class RoutingRuntime:
             )
             parts.append(AttnPart(start=start, end=end, common_metadata=metadata, key=(key, lo)))
         return LayerRoute(kept_idx=kept_t, parts=parts)
+
+
+def _split_window_decisions(router: TokenRouter, tokens: Any, blocks: list[Tensor],
+                            window: int) -> tuple[np.ndarray, bool]:
+    """[L, Tr] keep masks of the routed tokens of a router that reads positions only, each
+    decided within the whole windows it belongs to (``plan_tokens``' ``decide_*`` spans), so
+    a window computed over several steps is routed as if computed at once."""
+    lens = torch.as_tensor(tokens.decide_ends - tokens.decide_starts)
+    layout = TokenLayout.from_spans(tokens.decide_starts, tokens.decide_ends,
+                                    tokens.routed_prompt, window)
+    tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    block_sparsity = torch.stack(blocks)[tok_routed].T.contiguous()  # [L, T over windows]
+    keeps = router.keep_layers(layout, block_sparsity).numpy()
+    first = np.cumsum(lens.numpy()) - lens.numpy() + (tokens.routed_starts - tokens.decide_starts)
+    cols = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+        np.arange(f, f + n) for f, n in zip(first, tokens.routed_lens, strict=True)])
+    return keeps[:, cols], True
 
 
 def _to_cpu(layout: TokenLayout) -> TokenLayout:

@@ -2,11 +2,13 @@
 
 Window routing decides each aligned window of prompt positions from the window and what
 precedes it, so a routed prompt may be prefilled in chunks and reuse cached prefixes, as long
-as no step splits a window. vLLM's scheduler, with three changes for routed requests only
-(dense ones are scheduled exactly as vanilla):
+as no step splits a window whose decisions read its tokens. vLLM's scheduler, with these
+changes for routed requests only (dense ones are scheduled exactly as vanilla):
 
 - a prefill chunk that stops inside the prompt stops at a window boundary (vLLM's own
-  block-aligned split hook, used for Mamba models, is the place);
+  block-aligned split hook, used for Mamba models, is the place), unless the router decides
+  from positions only (the static router): then the worker decides a window split over two
+  steps from the whole window's positions in each, and chunks end where vLLM ends them;
 - a prefix-cache hit is cut back to a window boundary;
 - the request's ``cache_salt`` gains its routing configuration (artifact, target), so cached
   blocks are only shared by requests routed the same way, and never with dense ones;
@@ -49,11 +51,16 @@ class _WindowScheduling:
         self.ftp_default = settings.sparsity
         self.ftp_key = routing_key(settings.artifact_path, self.ftp_window)
         self.ftp_hit_unit = math.lcm(self.ftp_window, int(self.block_size))
-        self.need_mamba_block_aligned_split = True  # routes chunk ends through our split
+        # Chunk ends go through our split unless the router reads positions only: then a
+        # window computed over two steps is decided as a whole in each (runtime.py).
+        self.ftp_split_windows = bool(artifact.router.position_only)
+        self.need_mamba_block_aligned_split = not self.ftp_split_windows
         logger.info(
-            "FTP routing: window routing over %d-token windows; chunked prefill %s, prefix "
-            "caching %s", self.ftp_window,
+            "FTP routing: window routing over %d-token windows; chunked prefill %s (%s), "
+            "prefix caching %s", self.ftp_window,
             "on" if self.scheduler_config.enable_chunked_prefill else "off",
+            "chunks end anywhere: the router reads positions only" if self.ftp_split_windows
+            else "routed chunks end on window boundaries",
             "on" if self.cache_config.enable_prefix_caching else "off",
         )
 

@@ -34,6 +34,10 @@ class TokenRouter:
     needs_scores = False  # reads attention scores: decided layer by layer, on the device
     ranks = True  # False: the router decides outright (dense, explicit masks)
     shareable = True  # same layout and block targets -> same mask, whatever the block
+    # Decisions are a function of token positions, the prompt's length and the targets only
+    # (no token content, no draw): a window's tokens may then be computed over several
+    # steps, each deciding its share from the whole window's positions.
+    position_only = False
 
     def keep(self, inputs: RouterInputs) -> Tensor:
         """[T] bool keep mask. Tokens of requests whose block target is 0 are all kept, and
@@ -117,6 +121,7 @@ class DenseRouter(TokenRouter):
     """Keeps every token: routing off."""
 
     ranks = False
+    position_only = True
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         return torch.ones_like(inputs.layout.positions, dtype=torch.bool)
@@ -128,6 +133,8 @@ class StaticRouter(TokenRouter):
     With block target s, a prompt of n tokens skips round(s * n) tokens (at most n - 2):
     positions 1 .. m, the oldest tokens after the first.
     """
+
+    position_only = True
 
     def _keep(self, inputs: RouterInputs) -> Tensor:
         return inputs.layout.positions > _static_skip(inputs.layout, inputs.block_sparsity)
