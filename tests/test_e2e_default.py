@@ -59,8 +59,8 @@ def test_default_serves_smollm2_with_the_shipped_router(server):
     for note in notes:  # the static fallback says so
         assert note[:60] in log
     if load_artifact(router).mode == "window":  # the served default: vLLM's features stay on
-        assert "window routing over 128-token windows; chunked prefill on, prefix caching " \
-            "on" in log
+        assert "window routing over 128-token windows; chunked prefill on (chunks end " \
+            "anywhere: the router reads positions only), prefix caching on" in log
         assert "prefix caching switched off" not in log
         assert "chunked prefill switched off" not in log
         assert "max_num_batched_tokens raised" not in log

@@ -29,7 +29,7 @@ from vllm.logger import init_logger
 
 from ftp_vllm.contract import request_sparsity
 from ftp_vllm.flops import BlockShape
-from ftp_vllm.plugin.plan import plan_tokens
+from ftp_vllm.plugin.plan import TokenPlan, plan_tokens
 from ftp_vllm.plugin.stats import RoutingStats
 from ftp_vllm.plugin.subset import (
     BackendPolicy,
@@ -413,7 +413,7 @@ class RoutingRuntime:
         return LayerRoute(kept_idx=kept_t, parts=parts)
 
 
-def _split_window_decisions(router: TokenRouter, tokens: Any, blocks: list[Tensor],
+def _split_window_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],
                             window: int) -> tuple[np.ndarray, bool]:
     """[L, Tr] keep masks of the routed tokens of a router that reads positions only, each
     decided within the whole windows it belongs to (``plan_tokens``' ``decide_*`` spans), so
