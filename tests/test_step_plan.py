@@ -333,7 +333,7 @@ def test_split_window_decisions_equal_the_whole_prompt_decisions(bounds):
     import torch
 
     from ftp_vllm.plugin.plan import plan_tokens
-    from ftp_vllm.plugin.runtime import _split_window_decisions
+    from ftp_vllm.plugin.runtime import step_decisions
     from ftp_vllm.routing.layout import TokenLayout
     from ftp_vllm.routing.router import StaticRouter
 
@@ -346,7 +346,7 @@ def test_split_window_decisions_equal_the_whole_prompt_decisions(bounds):
         q = b - a  # two requests, same prompt length, same chunk: ids 0 and 1
         tokens = plan_tokens(np.array([0, q, 2 * q]), np.array([b, b]), np.array([n, n]),
                              np.array([0.3, 0.3]), WINDOW, split_windows=True)
-        keeps, decided = _split_window_decisions(router, tokens, blocks, WINDOW)
+        _layout, _targets, keeps, decided = step_decisions(router, tokens, blocks, WINDOW)
         assert decided and keeps.shape == (4, 2 * q)
         assert np.array_equal(keeps[:, :q], whole[0][:, a:b]), (a, b)
         assert np.array_equal(keeps[:, q:], whole[1][:, a:b]), (a, b)

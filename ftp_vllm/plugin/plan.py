@@ -33,6 +33,16 @@ class TokenPlan:
     decide_starts: np.ndarray
     decide_ends: np.ndarray
 
+    def decided_columns(self) -> np.ndarray | None:
+        """Where the routed tokens sit among the tokens of the ``decide_*`` spans (laid out
+        back to back); None when the spans are the routed tokens."""
+        lens = self.decide_ends - self.decide_starts
+        if np.array_equal(lens, self.routed_lens):
+            return None
+        first = np.cumsum(lens) - lens + (self.routed_starts - self.decide_starts)
+        return np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            np.arange(f, f + n) for f, n in zip(first, self.routed_lens, strict=True)])
+
 
 def plan_tokens(query_start: np.ndarray, seq_lens: np.ndarray, num_prompt: np.ndarray,
                 targets: np.ndarray, window: int | None = None,

@@ -102,8 +102,8 @@ class StepPlan:
     req_ids: list[str] | None
     routed_idx: Tensor  # [Tr] long: prompt tokens routed this step
     routed_idx_np: np.ndarray
-    layout: TokenLayout  # layout of the routed tokens
-    block_sparsity: Tensor  # [L, Tr] float64
+    layout: TokenLayout  # layout decisions are made over (``step_decisions``)
+    block_sparsity: Tensor  # [L, T] float64, over that layout's tokens
     routed_req: np.ndarray  # [Rr] batch index of each routed request
     routed_target: np.ndarray  # [Rr] mean sparsity target of each routed request
     routed_lens: np.ndarray  # [Rr] tokens routed for each routed request (back to back)
@@ -261,19 +261,8 @@ class RoutingRuntime:
             self.stats.complete(completing)
             return None
         device = step.query_start_loc.device
-        lens = torch.as_tensor(tokens.routed_lens)
-        if self.window is None:
-            layout = TokenLayout.from_lengths(lens, device=device)
-        else:
-            layout = TokenLayout.from_spans(
-                tokens.routed_starts, tokens.routed_starts + tokens.routed_lens,
-                tokens.routed_prompt, self.window, device=device)
-        tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens)
-        block_sparsity = torch.stack(blocks)[tok_routed].T.contiguous()  # [L, Tr], host
-        if self.split_windows:
-            keeps, decided = _split_window_decisions(self.router, tokens, blocks, self.window)
-        else:
-            keeps, decided = self._host_decisions(layout, block_sparsity)
+        layout, block_sparsity, keeps, decided = step_decisions(
+            self.router, tokens, blocks, self.window, device)
         block_sparsity = block_sparsity.to(device)
         return StepPlan(
             num_tokens=num_tokens,
@@ -295,17 +284,6 @@ class RoutingRuntime:
             decided=decided,
             meta_cache=MetadataCache(self.policy().reusable),
         )
-
-    def _host_decisions(self, layout: TokenLayout,
-                        block_sparsity: Tensor) -> tuple[np.ndarray, bool]:
-        """Every layer's keep mask, decided now when the router reads no hidden state (static,
-        random, explicit masks: ``TokenRouter.keep_layers``), so no per-layer router call and
-        no device-to-host copy of a mask. Otherwise all-kept placeholders that ``route``
-        fills layer by layer."""
-        if self.router.needs_scores:
-            return np.ones(tuple(block_sparsity.shape), dtype=bool), False
-        host = layout if layout.seq_ids.device.type == "cpu" else _to_cpu(layout)
-        return self.router.keep_layers(host, block_sparsity).numpy(), True
 
     # ------------------------------------------------------------------ per layer
     def route(
@@ -413,21 +391,32 @@ class RoutingRuntime:
         return LayerRoute(kept_idx=kept_t, parts=parts)
 
 
-def _split_window_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],
-                            window: int) -> tuple[np.ndarray, bool]:
-    """[L, Tr] keep masks of the routed tokens of a router that reads positions only, each
-    decided within the whole windows it belongs to (``plan_tokens``' ``decide_*`` spans), so
-    a window computed over several steps is routed as if computed at once."""
+def step_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],
+                   window: int | None, device: torch.device | str = "cpu",
+                   ) -> tuple[TokenLayout, Tensor, np.ndarray, bool]:
+    """The step's layout, its [L, T] block targets (on the host) and [L, Tr] keep masks.
+
+    Layout and targets cover what decides the routed tokens (``plan_tokens``' ``decide_*``
+    spans: the routed tokens themselves, or the whole windows a split window belongs to).
+    Every layer's mask is decided now when the router reads no hidden state (static, random,
+    explicit masks: ``TokenRouter.keep_layers``), so no per-layer router call and no
+    device-to-host copy of a mask, and restricted to the step's tokens; otherwise all-kept
+    placeholders that ``RoutingRuntime.route`` fills layer by layer (such routers never split
+    a window, so layout and targets are the routed tokens')."""
     lens = torch.as_tensor(tokens.decide_ends - tokens.decide_starts)
-    layout = TokenLayout.from_spans(tokens.decide_starts, tokens.decide_ends,
-                                    tokens.routed_prompt, window)
-    tok_routed = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    block_sparsity = torch.stack(blocks)[tok_routed].T.contiguous()  # [L, T over windows]
-    keeps = router.keep_layers(layout, block_sparsity).numpy()
-    first = np.cumsum(lens.numpy()) - lens.numpy() + (tokens.routed_starts - tokens.decide_starts)
-    cols = np.concatenate([np.zeros(0, dtype=np.int64)] + [
-        np.arange(f, f + n) for f, n in zip(first, tokens.routed_lens, strict=True)])
-    return keeps[:, cols], True
+    if window is None:
+        layout = TokenLayout.from_lengths(lens, device=device)
+    else:
+        layout = TokenLayout.from_spans(tokens.decide_starts, tokens.decide_ends,
+                                        tokens.routed_prompt, window, device=device)
+    tok = torch.repeat_interleave(torch.arange(len(lens)), lens)
+    block_sparsity = torch.stack(blocks)[tok].T.contiguous()  # [L, T], host
+    if router.needs_scores:
+        return layout, block_sparsity, np.ones(tuple(block_sparsity.shape), dtype=bool), False
+    host = layout if layout.seq_ids.device.type == "cpu" else _to_cpu(layout)
+    keeps = router.keep_layers(host, block_sparsity).numpy()
+    cols = tokens.decided_columns()
+    return layout, block_sparsity, keeps if cols is None else keeps[:, cols], True
 
 
 def _to_cpu(layout: TokenLayout) -> TokenLayout:
