@@ -174,7 +174,8 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
     """The static router reads positions only, so the scheduler no longer cuts chunks back to
     window boundaries: with a 37-token budget (windows of 16) chunks end inside windows, and
     cold, warm and batched runs still equal the cold whole-prompt reference, masks included;
-    nothing runs dense for being split."""
+    nothing runs dense for being split. Every layer's route is made when the step is planned
+    (the router reads no hidden state), with either kind of backend metadata policy."""
     from vllm import LLM
 
     path = make_artifact(tmp_path / "static-window", hf[0], kind="static",
@@ -203,6 +204,21 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
         assert list(outs[0].outputs[0].token_ids) == tokens
         assert torch.equal(masks[0], keep)
         assert engine.collective_rpc("ftp_routing_stats")[0]["unaligned_tokens"] == 0
+        # The same plan-time routes through a backend that takes 2 virtual requests per build
+        # and keeps only its latest build (FlashInfer's kind): several attention calls per
+        # layer, metadata built at the layer, results unchanged.
+        assert engine.collective_rpc("ftp_set_subset_policy", args=(2, False)) == [True]
+        try:
+            engine.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+            other = random_prompt(148, seed=6)
+            outs, masks = run(engine, [other], sampling)
+            stats = engine.collective_rpc("ftp_routing_stats")[0]
+        finally:
+            engine.collective_rpc("ftp_set_subset_policy")
+        tokens, _lp, keep = reference(hf[1], art, other)
+        assert list(outs[0].outputs[0].token_ids) == tokens
+        assert torch.equal(masks[0], keep)
+        assert stats["metadata_builds"] > stats["routed_steps"] * 2
     finally:
         shutdown(engine)
 

@@ -4,9 +4,10 @@ One routed model lives in a worker process; ``RoutingRuntime`` is its shared sta
 forward step it builds a ``StepPlan`` once (at the first routed layer): which tokens are
 prompt tokens to route (``plan.plan_tokens``: whole aligned windows in ``window`` mode, whole
 prompts in ``exact`` mode), each one's per-block sparsity targets (from its request's own
-target), and a cache
-of subset attention metadata keyed by keep mask (``subset.MetadataCache``: layers with equal
-masks share one build where the backend allows it).
+target), and a cache of subset attention metadata keyed by keep mask
+(``subset.MetadataCache``: layers with equal masks share one build where the backend allows
+it). When the router reads no hidden state (the static one) the plan also holds every layer's
+route (kept tokens, attention calls, metadata), so a routed layer does no host work of its own.
 
 Two hooks feed it (``vllm_internals.install_hooks``, installed when a routed model is
 constructed): the attention builder's ``build`` hands over the step's
