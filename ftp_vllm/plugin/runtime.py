@@ -116,10 +116,10 @@ class StepPlan:
     tok_pos: np.ndarray
     step_metadata: Any  # the step's CommonAttentionMetadata (all tokens)
     keeps: np.ndarray  # [L, Tr] bool: decided at plan time (host routers), else layer by layer
-    decided: bool  # every layer's keep mask is in ``keeps`` already (no device round trip)
     meta_cache: MetadataCache  # built backend metadata (reuse per backend policy)
     routes: dict[bytes, LayerRoute] = field(default_factory=dict)  # host-side, by keep mask
-    layer_routes: list[LayerRoute | None] | None = None  # decided plans: every layer's route
+    # every layer's route, when ``keeps`` was decided at plan time (no device round trip)
+    layer_routes: list[LayerRoute | None] | None = None
 
     @property
     def builds(self) -> int:
@@ -283,7 +283,6 @@ class RoutingRuntime:
             tok_pos=tokens.tok_pos,
             step_metadata=step,
             keeps=keeps,
-            decided=decided,
             meta_cache=MetadataCache(self.policy().reusable),
         )
         if decided:
