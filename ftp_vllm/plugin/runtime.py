@@ -104,7 +104,8 @@ class StepPlan:
     routed_idx: Tensor  # [Tr] long: prompt tokens routed this step
     routed_idx_np: np.ndarray
     layout: TokenLayout  # layout decisions are made over (``step_decisions``)
-    block_sparsity: Tensor  # [L, T] float64, over that layout's tokens
+    block_sparsity: Tensor  # [L, T] float64, over that layout's tokens (both on the device
+    # for routers decided layer by layer, else on the host)
     routed_req: np.ndarray  # [Rr] batch index of each routed request
     routed_target: np.ndarray  # [Rr] mean sparsity target of each routed request
     routed_lens: np.ndarray  # [Rr] tokens routed for each routed request (back to back)
@@ -265,7 +266,6 @@ class RoutingRuntime:
         device = step.query_start_loc.device
         layout, block_sparsity, keeps, decided = step_decisions(
             self.router, tokens, blocks, self.window, device)
-        block_sparsity = block_sparsity.to(device)
         plan = StepPlan(
             num_tokens=num_tokens,
             req_ids=info.req_ids,
@@ -409,34 +409,35 @@ class RoutingRuntime:
 def step_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],
                    window: int | None, device: torch.device | str = "cpu",
                    ) -> tuple[TokenLayout, Tensor, np.ndarray, bool]:
-    """The step's layout, its [L, T] block targets (on the host) and [L, Tr] keep masks.
+    """The step's layout, its [L, T] block targets and [L, Tr] keep masks.
 
     Layout and targets cover what decides the routed tokens (``plan_tokens``' ``decide_*``
-    spans: the routed tokens themselves, or the whole windows a split window belongs to).
-    Every layer's mask is decided now when the router reads no hidden state (static, random,
-    explicit masks: ``TokenRouter.keep_layers``), so no per-layer router call and no
-    device-to-host copy of a mask, and restricted to the step's tokens; otherwise all-kept
-    placeholders that ``RoutingRuntime.route`` fills layer by layer (such routers never split
-    a window, so layout and targets are the routed tokens')."""
+    spans: the routed tokens themselves, or the whole windows a split window belongs to),
+    built on the host. Every layer's mask is decided now when the router reads no hidden
+    state (static, random, explicit masks: ``TokenRouter.keep_layers``), so no per-layer
+    router call and no device round trip, and restricted to the step's tokens; layout and
+    targets then stay on the host, where nothing reads them again. Otherwise they go to
+    `device` with all-kept placeholders that ``RoutingRuntime.route`` fills layer by layer
+    (such routers never split a window, so layout and targets are the routed tokens')."""
     lens = torch.as_tensor(tokens.decide_ends - tokens.decide_starts)
     if window is None:
-        layout = TokenLayout.from_lengths(lens, device=device)
+        layout = TokenLayout.from_lengths(lens)
     else:
         layout = TokenLayout.from_spans(tokens.decide_starts, tokens.decide_ends,
-                                        tokens.routed_prompt, window, device=device)
+                                        tokens.routed_prompt, window)
     tok = torch.repeat_interleave(torch.arange(len(lens)), lens)
-    block_sparsity = torch.stack(blocks)[tok].T.contiguous()  # [L, T], host
+    block_sparsity = torch.stack(blocks)[tok].T.contiguous()  # [L, T]
     if router.needs_scores:
-        return layout, block_sparsity, np.ones(tuple(block_sparsity.shape), dtype=bool), False
-    host = layout if layout.seq_ids.device.type == "cpu" else _to_cpu(layout)
-    keeps = router.keep_layers(host, block_sparsity).numpy()
+        placeholders = np.ones(tuple(block_sparsity.shape), dtype=bool)
+        return _to_device(layout, device), block_sparsity.to(device), placeholders, False
+    keeps = router.keep_layers(layout, block_sparsity).numpy()
     cols = tokens.decided_columns()
     return layout, block_sparsity, keeps if cols is None else keeps[:, cols], True
 
 
-def _to_cpu(layout: TokenLayout) -> TokenLayout:
+def _to_device(layout: TokenLayout, device: torch.device | str) -> TokenLayout:
     return TokenLayout(**{
-        f: (v.cpu() if isinstance(v, Tensor) else v) for f, v in vars(layout).items()})
+        f: (v.to(device) if isinstance(v, Tensor) else v) for f, v in vars(layout).items()})
 
 
 def _synchronize(device: torch.device) -> None:
