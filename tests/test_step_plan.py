@@ -35,6 +35,14 @@ def test_runs_break_at_skips_and_at_request_boundaries():
     assert runs.run_seq.tolist() == [2, 5, 13]  # keys up to each run's last position
 
 
+def test_no_kept_token_makes_no_run():
+    """A step of middle chunks at a block that skips all it may keeps nothing there."""
+    tok_req, tok_pos = step([5, 3], computed=[20, 40])
+    runs = kept_runs(np.zeros(8, dtype=bool), tok_req, tok_pos)
+    assert runs.num_runs == 0 and runs.kept.size == 0
+    assert split_runs(runs.num_runs, None) == []  # no attention call, no metadata build
+
+
 def test_split_runs_bounds_every_group():
     assert split_runs(7, None) == [(0, 7)]
     assert split_runs(7, 7) == [(0, 7)]

@@ -91,8 +91,8 @@ def dense_parts(compile: bool) -> DenseParts:
 
 
 def _shape_guards(entries: list[Any]) -> list[bool]:
-    """Keep only the guards on symbolic sizes (a kept count of 0 or 1 recompiles); drop the
-    rest, as vLLM does for its model graph: checking every weight of the layer argument took
+    """Keep only the guards on symbolic sizes; drop the rest, as vLLM does for its model
+    graph: checking every weight of the layer argument took
     about 0.1 ms a call on this CPU, 9 of a 256-token step's 200 ms. What the dropped guards
     checked holds by construction: one model per compiled copy, the same weight shapes and
     dtypes in every layer, and the first layer's residual-less form a function of its own."""
@@ -118,4 +118,14 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
                               fn.__defaults__, fn.__closure__)
     backend = current_platform.simple_compile_backend
     options = {**maybe_disable_graph_partition(backend), "guard_filter_fn": _shape_guards}
-    return torch.compile(copy, dynamic=True, backend=backend, options=options)
+    compiled = torch.compile(copy, dynamic=True, backend=backend, options=options)
+
+    def call(layer: Any, rows: torch.Tensor, *args: Any) -> Any:
+        # Dynamo specializes sizes 0 and 1, and the guard on that is one of those dropped: a
+        # graph compiled for one row would then serve every later call (an engine crash, seen
+        # with a step of one kept token). Those sizes run eager.
+        if rows.shape[0] < 2:
+            return fn(layer, rows, *args)
+        return compiled(layer, rows, *args)
+
+    return call

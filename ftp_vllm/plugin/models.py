@@ -89,6 +89,8 @@ class RoutedLayerMixin:
         write_kv(attn, key, value)  # K/V of every token
         idx = route.kept_idx
         num_kept = idx.numel()
+        if num_kept == 0:  # nothing of this step runs the block: every row passes through
+            return torch.zeros_like(residual), residual
         query = q.view(num_tokens, attn.num_heads, attn.head_size).index_select(0, idx)
         attn_out = torch.empty(
             (num_kept, attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device

@@ -71,8 +71,11 @@ class KeptRuns:
 
 
 def kept_runs(keep_all: np.ndarray, tok_req: np.ndarray, tok_pos: np.ndarray) -> KeptRuns:
-    """One virtual request per run of consecutive kept tokens of one request."""
+    """One virtual request per run of consecutive kept tokens of one request (none when no
+    token is kept: a step of middle chunks at a block that skips all it may)."""
     kept = np.flatnonzero(keep_all)
+    if len(kept) == 0:
+        return KeptRuns(kept, kept, kept, kept, kept)
     req = tok_req[kept]
     new_run = np.ones(len(kept), dtype=bool)
     new_run[1:] = (np.diff(kept) != 1) | (np.diff(req) != 0)
