@@ -144,5 +144,9 @@ def test_schedule_interpolates_and_refuses_out_of_range():
             sched.blocks(bad)
     with pytest.raises(ValueError, match="blocks"):
         SparsitySchedule({0.2: [0.1]}, num_layers=2)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        SparsitySchedule({0.2: [0.1, 1.0]}, num_layers=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        SparsitySchedule({0.2: [0.1, 1.5]}, num_layers=2)
+    with pytest.raises(ValueError, match=r"mean sparsity must lie in \[0, 1\)"):
+        SparsitySchedule({1.0: [1.0, 1.0]}, num_layers=2)
+    # A block may skip all it may (the free last block, docs/ROUTER.md).
+    assert SparsitySchedule({0.3: [0.0, 0.6], 0.5: [0.0, 1.0]}, num_layers=2).blocks(0.5)[1] == 1

@@ -11,6 +11,7 @@ from ftp_vllm.training.schedule_search import (
     calibrate_budget,
     dense_first,
     kl_fitness,
+    last_block_pin,
     project_to_mean,
     search_schedule,
 )
@@ -38,6 +39,41 @@ def test_genetic_search_improves_toy_fitness_within_budget():
     assert abs(float(best.mean()) - 0.3) < 1e-6
     assert history[-1] > fitness(uniform) * 0.25  # at least 4x closer than uniform
     assert all(b >= a for a, b in zip(history, history[1:], strict=False))  # elitism
+
+
+def test_pinned_search_keeps_the_pin_and_spends_the_rest_of_the_budget():
+    pinned = last_block_pin(12)
+    optimum = project_to_mean(torch.linspace(0.0, 0.8, 12), 0.3, 0.9)
+
+    def fitness(v):
+        return -float(((v[:-1] - optimum[:-1]) ** 2).sum())
+
+    cfg = SearchConfig(population=8, generations=4, seed=1)
+    best, _ = search_schedule(fitness, 12, 0.3, cfg, progress=False, pinned=pinned)
+    assert best[-1] == 1.0 and float(best[:-1].max()) <= 0.9 + 1e-12
+    assert abs(float(best.mean()) - 0.3) < 1e-6
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_skipping_the_last_block_changes_nothing_generation_reads(window):
+    """Why the search pins the last block: a prompt skipping all it may there leaves the
+    first generated token's logits bit-exact, so that block's budget is free."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (50,), generator=torch.Generator().manual_seed(0))
+    lengths, last = [30, 20], torch.tensor([29, 49])
+    blocks = torch.tensor([0.0, 0.3, 0.3, 0.0], dtype=torch.float64)
+    pinned = blocks.clone()
+    pinned[-1] = 1.0
+    base = routed_forward(model, ids, lengths, StaticRouter(), blocks, logits_at=last,
+                          window=window)
+    free = routed_forward(model, ids, lengths, StaticRouter(), pinned, logits_at=last,
+                          window=window)
+    assert int(free.keep[-1].sum()) == 4  # only each prompt's first and last token computed
+    assert torch.equal(free.logits, base.logits)
+    # ... while the same budget one block earlier does change them.
+    early = routed_forward(model, ids, lengths, StaticRouter(), pinned.flip(0), logits_at=last,
+                           window=window)
+    assert not torch.equal(early.logits, base.logits)
 
 
 def test_kl_fitness_prefers_dense_and_penalises_shortfall():

@@ -178,16 +178,27 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
     (the router reads no hidden state), with either kind of backend metadata policy."""
     from vllm import LLM
 
-    path = make_artifact(tmp_path / "static-window", hf[0], kind="static",
+    from ftp_vllm.routing.schedule import SparsitySchedule
+    from ftp_vllm.training.schedule_search import last_block_pin, pin_blocks
+
+    # The schedule `ftp-vllm schedule` makes for a static router: the last block skips all
+    # it may (target 1), the others share the rest: [0.2, 0.2, 0.2, 1] at 0.4.
+    path = make_artifact(tmp_path / "static-window", hf[0], kind="static", targets=(0.4,),
                          window=WINDOW)
     art = load_artifact(path)
-    engine = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(path, SPARSITY),
+    layers = art.num_layers
+    art.schedule = SparsitySchedule(
+        {0.4: pin_blocks(art.schedule.rows[0.4], 0.4, 0.9, last_block_pin(layers))}, layers)
+    art.save(path)
+    art = load_artifact(path)
+    assert art.schedule.blocks(0.4)[-1] == 1.0
+    engine = LLM(str(tiny_llama_dir), hf_overrides=routing_overrides(path, 0.4),
                  enable_chunked_prefill=True, max_num_batched_tokens=37,
                  enable_prefix_caching=True, **engine_kwargs())
     engine.collective_rpc("ftp_record_masks")
     try:
-        sampling = params(sparsity=SPARSITY, prompt_logprobs=None)
-        refs = [reference(hf[1], art, p) for p in prompts]
+        sampling = params(sparsity=0.4, prompt_logprobs=None)
+        refs = [reference(hf[1], art, p, 0.4) for p in prompts]
         for attempt in ("cold", "warm"):
             outs, masks = run(engine, prompts, sampling)
             for p, out, mask, (tokens, _lp, keep) in zip(prompts, outs, masks, refs,
@@ -195,12 +206,20 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
                 assert list(out.outputs[0].token_ids) == tokens, (attempt, len(p))
                 if attempt == "cold":
                     assert mask is not None and torch.equal(mask, keep), len(p)
+        # A 38-token prompt alone: its second step routes one token, and the pinned last block
+        # keeps one token in several steps. Sizes Dynamo specializes (1 row) once poisoned the
+        # compiled dense parts and crashed the engine's next routed step.
+        short = random_prompt(38, seed=4)
+        outs, masks = run(engine, [short], sampling)
+        tokens, _lp, keep = reference(hf[1], art, short, 0.4)
+        assert list(outs[0].outputs[0].token_ids) == tokens
+        assert torch.equal(masks[0], keep)
         # one 148-token prompt alone: 4 chunks of 37 (window-aligned chunks would take 5)
         lone = random_prompt(148, seed=5)
         before = engine.collective_rpc("ftp_routing_stats")[0]["routed_steps"]
         outs, masks = run(engine, [lone], sampling)
         assert engine.collective_rpc("ftp_routing_stats")[0]["routed_steps"] - before == 4
-        tokens, _lp, keep = reference(hf[1], art, lone)
+        tokens, _lp, keep = reference(hf[1], art, lone, 0.4)
         assert list(outs[0].outputs[0].token_ids) == tokens
         assert torch.equal(masks[0], keep)
         assert engine.collective_rpc("ftp_routing_stats")[0]["unaligned_tokens"] == 0
@@ -215,7 +234,7 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
             stats = engine.collective_rpc("ftp_routing_stats")[0]
         finally:
             engine.collective_rpc("ftp_set_subset_policy")
-        tokens, _lp, keep = reference(hf[1], art, other)
+        tokens, _lp, keep = reference(hf[1], art, other, 0.4)
         assert list(outs[0].outputs[0].token_ids) == tokens
         assert torch.equal(masks[0], keep)
         assert stats["metadata_builds"] > stats["routed_steps"] * 2

@@ -29,8 +29,10 @@ class SparsitySchedule:
                     f"schedule for {target} has {tuple(blocks.shape)} entries, "
                     f"the model has {num_layers} blocks"
                 )
-            if not 0 <= float(target) < 1 or bool(((blocks < 0) | (blocks >= 1)).any()):
-                raise ValueError(f"schedule for {target}: sparsities must lie in [0, 1)")
+            if not 0 <= float(target) < 1:
+                raise ValueError(f"schedule for {target}: a mean sparsity must lie in [0, 1)")
+            if bool(((blocks < 0) | (blocks > 1)).any()):
+                raise ValueError(f"schedule for {target}: block sparsities must lie in [0, 1]")
             rows[float(target)] = blocks
         self.rows = rows
 

@@ -138,6 +138,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
         SearchConfig,
         calibrate_budget,
         kl_fitness,
+        last_block_pin,
         search_schedule,
     )
     from ftp_vllm.training.trainer import tail_positions
@@ -157,6 +158,10 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
     at = tail_positions(lengths, tail)
     cfg = SearchConfig(population=args.population, generations=args.generations, seed=args.seed)
+    # A router that skips exactly its count (static, or any router in window mode) skips all
+    # it may at the last block, which costs generation nothing; an argmax router (exact MLP)
+    # reads the target as an input it was trained on, so its schedule stays searched whole.
+    pinned = last_block_pin(num_layers) if kind == "static" or args.window else None
     found, history = {}, {}
     start = time.perf_counter()
     for target in targets:
@@ -171,7 +176,8 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             print(f"target {target:g}: router input budget {budget:.3f}", flush=True)
         fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at,
                              window=args.window)
-        best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init)
+        pins = pinned if pinned and budget * num_layers >= sum(pinned.values()) else None
+        best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init, pinned=pins)
         found[target], history[f"{target:g}"] = best, [round(h, 5) for h in hist]
         print(f"target {target:g}: fitness {hist[0]:.4f} -> {hist[-1]:.4f}", flush=True)
     artifact = RouterArtifact(
@@ -185,6 +191,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
                 "data": data,
                 "fitness": f"{fitness_text}, - 10 x sparsity shortfall",
                 "config": vars(cfg), "best_fitness_per_generation": history,
+                "pinned_blocks": {str(i): v for i, v in (pinned or {}).items()},
                 "seconds": round(time.perf_counter() - start, 1),
             },
             **({"training": base.provenance.get("training")} if base else {}),

@@ -8,7 +8,7 @@ fewer pairs than the budget asks (so a schedule cannot win by under-spending).
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +121,34 @@ def calibrate_budget(
     return blocks
 
 
+def last_block_pin(num_layers: int) -> dict[int, float]:
+    """The last block skips every token it may, for routers that skip exactly their count.
+
+    A token skipped at the last block keeps the hidden state it came in with; its K/V there
+    are computed from that same state, so the only thing that changes is its own output row,
+    which only its prompt log-probability would read (served dense, docs/ROUTER.md). No
+    generated token sees the difference: that block's share of the budget is free.
+    """
+    return {num_layers - 1: 1.0}
+
+
+def pin_blocks(v: Tensor, target: float, max_block: float,
+               pinned: Mapping[int, float] | None) -> Tensor:
+    """`project_to_mean` with the `pinned` blocks fixed at their values and the others
+    carrying the rest of the budget (mean `target` over all blocks)."""
+    if not pinned:
+        return project_to_mean(v, target, max_block)
+    free = [i for i in range(len(v)) if i not in pinned]
+    rest = (target * len(v) - sum(pinned.values())) / len(free)
+    if rest < 0:
+        raise ValueError(f"the pinned blocks alone skip more than a mean of {target}")
+    out = v.double().clone()
+    out[free] = project_to_mean(out[free], rest, max_block)
+    for i, value in pinned.items():
+        out[i] = value
+    return out
+
+
 def search_schedule(
     fitness: Fitness,
     num_layers: int,
@@ -128,8 +156,12 @@ def search_schedule(
     config: SearchConfig,
     init: list[Tensor] | None = None,
     progress: bool = True,
+    pinned: Mapping[int, float] | None = None,
 ) -> tuple[Tensor, list[float]]:
-    """Best per-block schedule with mean `target`, and the best fitness after each generation."""
+    """Best per-block schedule with mean `target`, and the best fitness after each generation.
+
+    pinned: blocks whose target is fixed (e.g. `last_block_pin`); the others share the rest
+    of the budget."""
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     cache: dict[tuple, float] = {}
@@ -141,16 +173,17 @@ def search_schedule(
         return cache[key]
 
     def fix(v: Tensor) -> Tensor:
-        return project_to_mean(v, target, config.max_block)
+        return pin_blocks(v, target, config.max_block, pinned)
 
     uniform = torch.full((num_layers,), float(target), dtype=torch.float64)
-    pop = [fix(v) for v in (init or [])] + [uniform]
+    pop = [fix(v) for v in (init or [])] + [fix(uniform)]
     # FTP.md: the first and last blocks change their tokens most, so seed schedules sparing them.
     for first in (1, 2, 3):
-        pop.append(dense_first(num_layers, target, first, config.max_block))
-    spare_last = dense_first(num_layers, target, 2, config.max_block)
-    spare_last[-1] = 0.0
-    pop.append(fix(spare_last))
+        pop.append(fix(dense_first(num_layers, target, first, config.max_block)))
+    if not pinned:
+        spare_last = dense_first(num_layers, target, 2, config.max_block)
+        spare_last[-1] = 0.0
+        pop.append(fix(spare_last))
     while len(pop) < config.population:
         noise = torch.randn(num_layers, generator=gen, dtype=torch.float64) * 2 * config.mutation
         pop.append(fix(uniform + noise))
