@@ -52,6 +52,7 @@ def test_pinned_search_keeps_the_pin_and_spends_the_rest_of_the_budget():
     best, _ = search_schedule(fitness, 12, 0.3, cfg, progress=False, pinned=pinned)
     assert best[-1] == 1.0 and float(best[:-1].max()) <= 0.9 + 1e-12
     assert abs(float(best.mean()) - 0.3) < 1e-6
+    assert last_block_pin(12, 1 / 13) == {}  # a budget below one block pins nothing
 
 
 @pytest.mark.parametrize("window", [None, 8])

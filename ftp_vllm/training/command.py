@@ -161,8 +161,8 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     # A router that skips exactly its count (static, or any router in window mode) skips all
     # it may at the last block, which costs generation nothing; an argmax router (exact MLP)
     # reads the target as an input it was trained on, so its schedule stays searched whole.
-    pinned = last_block_pin(num_layers) if kind == "static" or args.window else None
-    found, history = {}, {}
+    counts = kind == "static" or bool(args.window)
+    found, history, pinned = {}, {}, {}
     start = time.perf_counter()
     for target in targets:
         init, budget = [], target
@@ -176,8 +176,9 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             print(f"target {target:g}: router input budget {budget:.3f}", flush=True)
         fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at,
                              window=args.window)
-        pins = pinned if pinned and budget * num_layers >= sum(pinned.values()) else None
+        pins = last_block_pin(num_layers, budget) if counts else {}
         best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init, pinned=pins)
+        pinned[f"{target:g}"] = {str(i): v for i, v in pins.items()}
         found[target], history[f"{target:g}"] = best, [round(h, 5) for h in hist]
         print(f"target {target:g}: fitness {hist[0]:.4f} -> {hist[-1]:.4f}", flush=True)
     artifact = RouterArtifact(
@@ -191,7 +192,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
                 "data": data,
                 "fitness": f"{fitness_text}, - 10 x sparsity shortfall",
                 "config": vars(cfg), "best_fitness_per_generation": history,
-                "pinned_blocks": {str(i): v for i, v in (pinned or {}).items()},
+                "pinned_blocks": pinned,
                 "seconds": round(time.perf_counter() - start, 1),
             },
             **({"training": base.provenance.get("training")} if base else {}),

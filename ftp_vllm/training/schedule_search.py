@@ -121,15 +121,16 @@ def calibrate_budget(
     return blocks
 
 
-def last_block_pin(num_layers: int) -> dict[int, float]:
-    """The last block skips every token it may, for routers that skip exactly their count.
+def last_block_pin(num_layers: int, target: float = 1.0) -> dict[int, float]:
+    """The last block skips every token it may, for routers that skip exactly their count;
+    empty when a mean `target` cannot pay for a whole block.
 
     A token skipped at the last block keeps the hidden state it came in with; its K/V there
     are computed from that same state, so the only thing that changes is its own output row,
     which only its prompt log-probability would read (served dense, docs/ROUTER.md). No
     generated token sees the difference: that block's share of the budget is free.
     """
-    return {num_layers - 1: 1.0}
+    return {num_layers - 1: 1.0} if target * num_layers >= 1.0 else {}
 
 
 def pin_blocks(v: Tensor, target: float, max_block: float,
