@@ -267,8 +267,7 @@ def model_memory(model: str | Path, *, dtype: Any = "auto", kv_cache_dtype: Any 
     folder = _local_folder(model)
     config = _read_config(folder)
     text = config.get("text_config") or config
-    served = dtype_bytes(dtype, text.get("dtype") or text.get("torch_dtype")
-                         or config.get("dtype") or config.get("torch_dtype"))
+    served = dtype_bytes(dtype, _config_dtype(config))
     kv_name = str(kv_cache_dtype or "auto").lower()
     kv_bytes = served if kv_name == "auto" else dtype_bytes(kv_name)
     dp = max(1, int(data_parallel_size or 1))
@@ -286,6 +285,17 @@ def model_memory(model: str | Path, *, dtype: Any = "auto", kv_cache_dtype: Any 
     seqs = max_num_seqs if max_num_seqs and max_num_seqs > 0 else default_max_num_seqs * tp_pp
     return ModelMemory(weights=weights, kv_per_token=per_token * dp, max_model_len=length,
                        max_num_seqs=seqs, workers=tp_pp * dp)
+
+
+def checkpoint_dtype(model: str | Path) -> str | None:
+    """The dtype a model folder's config.json names (None: unknown, or not on disk)."""
+    return _config_dtype(_read_config(_local_folder(model)))
+
+
+def _config_dtype(config: Mapping[str, Any]) -> str | None:
+    text = config.get("text_config") or config
+    return (text.get("dtype") or text.get("torch_dtype") or config.get("dtype")
+            or config.get("torch_dtype"))
 
 
 def _local_folder(model: str | Path) -> Path | None:

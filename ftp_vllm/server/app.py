@@ -159,6 +159,8 @@ def main(argv: Sequence[str]) -> int:
 
     from ftp_vllm.allocator import preload_for_engines
     from ftp_vllm.artifact import ArtifactError
+    from ftp_vllm.cpu_bf16 import bf16_advice, native_bf16, served_dtype
+    from ftp_vllm.plugin.memory import checkpoint_dtype
 
     cli_env_setup()
     try:
@@ -178,6 +180,10 @@ def main(argv: Sequence[str]) -> int:
     if allocator is not None:
         found, message = allocator
         (logger.info if found else logger.warning)("%s", message)
+        advice = bf16_advice(served_dtype(args.dtype, checkpoint_dtype(args.model)),
+                             native_bf16())
+        if advice is not None:
+            logger.warning("%s", advice)
 
     if args.headless:  # multi-node data-parallel workers: no API server, vLLM's own path
         from vllm.entrypoints.cli.serve import ServeSubcommand
