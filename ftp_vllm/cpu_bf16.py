@@ -13,7 +13,6 @@ different numeric configuration, so the choice stays the user's.
 from __future__ import annotations
 
 import platform
-from typing import Any
 
 BF16 = "bfloat16"
 
@@ -27,14 +26,6 @@ def native_bf16() -> bool | None:
 
     cpu = torch.cpu
     return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-
-
-def served_dtype(dtype: Any, checkpoint_dtype: str | None) -> str:
-    """The dtype a server runs: ``--dtype`` as given, or the checkpoint's for "auto"."""
-    name = str(dtype or "auto").removeprefix("torch.").lower()
-    if name == "auto":
-        name = str(checkpoint_dtype or "auto").removeprefix("torch.").lower()
-    return BF16 if name == "bf16" else name
 
 
 def bf16_advice(dtype: str, native: bool | None) -> str | None:

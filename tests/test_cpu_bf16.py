@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ftp_vllm.cpu_bf16 import BF16, bf16_advice, native_bf16, served_dtype
-from ftp_vllm.plugin.memory import checkpoint_dtype
+from ftp_vllm.cpu_bf16 import BF16, bf16_advice, native_bf16
+from ftp_vllm.plugin.memory import checkpoint_dtype, dtype_bytes, served_dtype
 
 
 @pytest.mark.parametrize(("dtype", "checkpoint", "served"), [
@@ -23,6 +23,8 @@ from ftp_vllm.plugin.memory import checkpoint_dtype
 ])
 def test_served_dtype_is_the_flag_or_the_checkpoints(dtype, checkpoint, served):
     assert served_dtype(dtype, checkpoint) == served
+    # the KV-cache sizing counts the same dtype (unknown ones as 4 bytes: safe)
+    assert dtype_bytes(dtype, checkpoint) == {BF16: 2, "float16": 2}.get(served, 4)
 
 
 def test_only_bf16_on_a_cpu_known_to_lack_it_is_warned_about():

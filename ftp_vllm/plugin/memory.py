@@ -249,13 +249,20 @@ def _cgroup(root: Path) -> tuple[int | None, int | None]:
 # ---------------------------------------------------------------- reading the model
 
 
-def dtype_bytes(dtype: Any, config_dtype: str | None = None) -> int:
-    """Bytes per element as served: vLLM's "auto" keeps a 16-bit checkpoint's dtype and
-    downcasts float32 on most CPUs (counted as 4 bytes here: an over-estimate is safe)."""
+def served_dtype(dtype: Any, config_dtype: str | None) -> str:
+    """The dtype a server runs: ``--dtype`` as given, or the checkpoint's for "auto" ("auto"
+    when the checkpoint names none)."""
     name = str(dtype or "auto").removeprefix("torch.").lower()
     if name == "auto":
-        name = str(config_dtype or "float32").removeprefix("torch.").lower()
-    return _DTYPE_BYTES.get(name, 4)
+        name = str(config_dtype or "auto").removeprefix("torch.").lower()
+    return "bfloat16" if name == "bf16" else name
+
+
+def dtype_bytes(dtype: Any, config_dtype: str | None = None) -> int:
+    """Bytes per element as served: vLLM's "auto" keeps a 16-bit checkpoint's dtype and
+    downcasts float32 on most CPUs (counted as 4 bytes here, as is a checkpoint that names no
+    dtype: an over-estimate is safe)."""
+    return _DTYPE_BYTES.get(served_dtype(dtype, config_dtype), 4)
 
 
 def model_memory(model: str | Path, *, dtype: Any = "auto", kv_cache_dtype: Any = "auto",

@@ -159,8 +159,8 @@ def main(argv: Sequence[str]) -> int:
 
     from ftp_vllm.allocator import preload_for_engines
     from ftp_vllm.artifact import ArtifactError
-    from ftp_vllm.cpu_bf16 import bf16_advice, native_bf16, served_dtype
-    from ftp_vllm.plugin.memory import checkpoint_dtype
+    from ftp_vllm.cpu_bf16 import bf16_advice, native_bf16
+    from ftp_vllm.plugin.memory import checkpoint_dtype, served_dtype
 
     cli_env_setup()
     try:
