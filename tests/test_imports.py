@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "ftp_vllm.shortgpt": 3,
     "ftp_vllm.plugin": 4,
     "ftp_vllm.allocator": 4,
+    "ftp_vllm.cpu_bf16": 4,
     "ftp_vllm.eval": 5,
     "ftp_vllm.training": 6,
     "ftp_vllm.server": 6,
