@@ -7,6 +7,7 @@ keep masks (``MaskRouter``); a request's output does not depend on its batch.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -128,26 +129,25 @@ def check_against_reference(
 
 
 # ---------------------------------------------------------------------- bf16 parity suite
-def check_routing_off(
-    llm, prompts, vanilla_eager, vanilla_default, default_tokens: bool = True
-) -> None:
+def check_routing_off(llm, prompts, vanilla_eager, vanilla_default) -> None:
     """Sparsity 0: a routed engine runs steps with nothing to route through vLLM's own
     compiled model, so token ids and prompt logprobs equal vanilla at its defaults bit for
-    bit. Against vanilla eager (no fused kernels): token ids equal (`default_tokens`: the
-    tokens of both vanilla modes agree on these prompts), else prompt logprobs within the bf16
-    tolerance (a near tie may break the other way)."""
+    bit. Against vanilla eager (no fused kernels): prompt logprobs within the bf16 tolerance,
+    and token ids equal wherever vanilla's two modes agree with each other (on flat logits a
+    near tie breaks differently per mode and CPU: a tiny random model's 256-token vocabulary
+    on an AVX2-only CPU did)."""
     outs, masks = run(llm, prompts, params(sparsity=0.0))
     assert all(m is None for m in masks)
     for i, out in enumerate(outs):
         tokens, lps = vanilla_default[i]
-        assert list(out.outputs[0].token_ids) == tokens
+        assert list(out.outputs[0].token_ids) == tokens, (i, out.outputs[0].token_ids, tokens)
         got = prompt_logprobs(out)
         assert torch.equal(got, lps), (got - lps).abs().max()
-        if default_tokens:
-            assert list(out.outputs[0].token_ids) == vanilla_eager[i][0]
-        else:
-            want = vanilla_eager[i][1]
-            assert torch.allclose(got, want, atol=BF16_ATOL, rtol=BF16_RTOL)
+        eager_tokens, eager_lps = vanilla_eager[i]
+        assert torch.allclose(got, eager_lps, atol=BF16_ATOL, rtol=BF16_RTOL), (
+            (got - eager_lps).abs().max())
+        if tokens == eager_tokens:
+            assert list(out.outputs[0].token_ids) == eager_tokens
 
 
 def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, float]:
@@ -207,6 +207,20 @@ def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> int:
             f"{float(want[ref.tokens[j]] - want[got[j]]):.3f}), beyond the bf16 tolerance"
         )
     return j
+
+
+def first_token_kl(a: dict, b: dict) -> float:
+    """KL(b || a) over the tokens in both runs' top lists (vLLM returns the top 20
+    log-probabilities), the rest of each run's mass lumped into one outcome: by the
+    log-sum inequality a lower bound of the full KL, exact when the lists hold the same
+    tokens. (A token of one list missing from the other is not given a made-up probability:
+    with 1e-9 for it, a swap at rank 20 alone read as a KL of 0.05.)"""
+    keys = [k for k in b if k in a]
+    p = [math.exp(b[k].logprob) for k in keys]
+    q = [math.exp(a[k].logprob) for k in keys]
+    rest_p, rest_q = max(1e-12, 1 - sum(p)), max(1e-12, 1 - sum(q))
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0) \
+        + rest_p * math.log(rest_p / rest_q)
 
 
 def check_tokens_or_tie(a, b, tie: float) -> None:

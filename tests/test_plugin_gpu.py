@@ -99,9 +99,7 @@ def test_backend_in_use(setup):
 
 def test_routing_off_equals_vanilla(setup):
     _, llm, _, _, prompts, vanilla = setup
-    check_routing_off(
-        llm, prompts, vanilla["eager"], vanilla["default"], default_tokens=False
-    )
+    check_routing_off(llm, prompts, vanilla["eager"], vanilla["default"])
 
 
 def test_routed_matches_reference(setup):

@@ -18,9 +18,12 @@ from ftp_vllm.artifact import folder_fingerprint, load_artifact  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
 from ftp_vllm.reference import routed_forward  # noqa: E402
 from tests.engine_helpers import (  # noqa: E402
+    BF16_ATOL,
     LOGPROB_TOL,
     MAX_NEW,
+    check_tokens_or_tie,
     engine_kwargs,
+    first_token_kl,
     params,
     prompt_logprobs,
     random_prompt,
@@ -244,6 +247,11 @@ def test_static_router_chunks_end_anywhere_and_equal_the_reference(tiny_llama_di
 
 # ------------------------------------------------------------ SmolLM2, the served default
 TURN_TOKENS = 24
+# First-token KL that bf16 rounding explains. On a 2-core AVX2-only CPU (no AVX512-BF16, no
+# AMX) warm against cold measured up to 0.0016 here, and bf16 against float32 on chat prompts
+# of 99-304 tokens up to 0.0014 for plain vLLM and 0.0021 for the routed engine; one routed
+# block skipping its share moved it by 0.01 to 3.9 in issue 10's block-sensitivity runs.
+NOISE_KL = {"bfloat16": 5e-3, "float32": 1e-5}
 ANSWER_TOKENS = 200  # the first answer fills the KV block holding the first prompt's tail
 
 
@@ -252,23 +260,15 @@ def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def first_token_kl(a: dict, b: dict) -> float:
-    """KL(b || a) over b's top tokens (vLLM returns the top 20 log-probabilities), the rest
-    of the mass lumped together: a lower bound of the full KL, exact when both agree."""
-    import math
-
-    keys = list(b)
-    p = [math.exp(b[k].logprob) for k in keys]
-    q = [math.exp(a[k].logprob) if k in a else 1e-9 for k in keys]
-    rest_p, rest_q = max(1e-12, 1 - sum(p)), max(1e-12, 1 - sum(q))
-    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0) \
-        + rest_p * math.log(rest_p / rest_q)
-
-
-def test_multi_turn_warm_vs_cold():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_multi_turn_warm_vs_cold(dtype):
     """The second turn of a chat reuses the first turn's cached windows, but not the blocks
     from the first prompt's last window on (decided by its last token; the answer ran dense):
-    served warm it equals the same turn computed cold (after reset_prefix_cache)."""
+    served warm it equals the same turn computed cold (after reset_prefix_cache) up to float
+    rounding. A warm turn multiplies fewer rows per matmul than a cold one, and on CPUs whose
+    bf16 matmuls round by shape (AVX2 only: no AVX512-BF16, no AMX) bf16 greedy tokens can
+    part at a bf16 tie; float32 tokens are equal. The first-token distributions stay within
+    NOISE_KL of each other."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
@@ -280,7 +280,7 @@ def test_multi_turn_warm_vs_cold():
     art = load_artifact(DEFAULT_ARTIFACT)
     tok = AutoTokenizer.from_pretrained(model_dir)
     llm = LLM(str(model_dir), hf_overrides=routing_overrides(DEFAULT_ARTIFACT, SPARSITY),
-              dtype="bfloat16", max_model_len=2048, seed=0)
+              dtype=dtype, max_model_len=2048, seed=0)
     cfg = llm.llm_engine.vllm_config
     assert cfg.cache_config.enable_prefix_caching and cfg.scheduler_config.enable_chunked_prefill
     greedy = SamplingParams(max_tokens=TURN_TOKENS, temperature=0.0, logprobs=20)
@@ -304,10 +304,13 @@ def test_multi_turn_warm_vs_cold():
         llm.reset_prefix_cache()
         cold = llm.generate([{"prompt_token_ids": turn2}], greedy)[0].outputs[0]
         kls.append(first_token_kl(warm.logprobs[0], cold.logprobs[0]))
-        assert warm.token_ids == cold.token_ids
+        if dtype == "float32":
+            assert warm.token_ids == cold.token_ids
+        else:
+            check_tokens_or_tie(warm, cold, BF16_ATOL)
         print(f"turn 2 of {len(turn2)} tokens, {len(turn2) - computed} reused (turn 1 prompt "
               f"{len(turn1)}): KL(cold || warm) {kls[-1]:.4f}, first token equal "
               f"{warm.token_ids[0] == cold.token_ids[0]}")
     shutdown(llm)
     assert reused >= 3, reused
-    assert max(kls) <= 1e-3, kls  # bf16 rounding of a chunked vs whole prefill, at most
+    assert max(kls) <= NOISE_KL[dtype], kls
