@@ -240,9 +240,18 @@ def _fidelity_order(r: dict[str, Any]) -> tuple:
             r.get("schedule") or "", r["_file"])
 
 
-def _fidelity_cells(m: dict[str, Any]) -> list[str]:
-    return [f"{m['sparsity']:.3f}", f"{m['kl_mean']:.4f}", f"{m['top1_agreement']:.3f}",
-            f"{m['match_mean']:.1f}", f"{m['match_median']:g}", f"{m['full_match_rate']:.2f}"]
+def _fidelity_cells(m: dict[str, Any], per_prompt: list[dict[str, Any]] | None = None
+                    ) -> list[str]:
+    """A row's cells; the KL's bootstrap interval over its prompts when they are recorded."""
+    interval = "-"
+    if per_prompt:
+        from ftp_vllm.eval.fidelity import mean_interval
+
+        lo, hi = mean_interval([float(p["kl"]) for p in per_prompt])
+        interval = f"{lo:.3f}-{hi:.3f}"
+    return [f"{m['sparsity']:.3f}", f"{m['kl_mean']:.4f}", interval, f"{m['kl_median']:.4f}",
+            f"{m['top1_agreement']:.3f}", f"{m['match_mean']:.1f}", f"{m['match_median']:g}",
+            f"{m['full_match_rate']:.2f}"]
 
 
 @register_section("fidelity")
@@ -265,8 +274,9 @@ def fidelity_section(results: list[dict[str, Any]]) -> str:
                    f"{', '.join(map(str, lengths))} tokens (seed {seed}); greedy continuations "
                    f"of up to {new_tokens} tokens; dense mean "
                    f"{grp[0]['metrics']['dense_tokens_mean']:.1f} tokens.\n")
-        head = ["method", "target S", "sparsity", "first-token KL", "top-1 agree",
-                "match mean", "match median", "full match", "command"]
+        head = ["method", "target S", "sparsity", "first-token KL", "KL 90% interval",
+                "KL median", "top-1 agree", "match mean", "match median", "full match",
+                "command"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|")
         if floor.get("overall"):
@@ -275,7 +285,7 @@ def fidelity_section(results: list[dict[str, Any]]) -> str:
                                           "(recorded with every row)"]) + " |")
         for r in grp:
             out.append("| " + " | ".join([_method_cell(r), f"{r.get('sparsity_target', 0):.2f}",
-                                          *_fidelity_cells(r["metrics"]),
+                                          *_fidelity_cells(r["metrics"], r.get("per_prompt")),
                                           f"`{r.get('command', '')}`"]) + " |")
         out.append("")
         out.append("Per prompt-length bucket (realized sparsity / first-token KL / top-1 "
@@ -450,7 +460,10 @@ round(S x L) blocks of lowest Block Influence on calibration text removed, the r
 What a chat user would notice (`ftp-vllm fidelity`): on held-out chat prompts (never
 calibration text), the dense model's greedy continuation is the reference and each routed
 configuration is measured against it. **first-token KL** is KL(dense || routed) of the
-next-token distribution after the prompt (nats, mean over prompts); **top-1 agree** the
+next-token distribution after the prompt (nats, mean over prompts); **KL 90% interval** a
+percentile bootstrap interval of that mean over the prompts (2000 resamples, seed 0):
+per-prompt KL is heavy-tailed, so another draw of prompts could move the mean that far; **KL
+median** the median prompt's; **top-1 agree** the
 fraction of prompts whose first generated token equals dense's; **match** the number of
 leading greedy tokens equal to dense's (**full match**: fraction of prompts whose whole
 continuation matched); **sparsity** the realized fraction of (prompt token, block) pairs

@@ -13,6 +13,7 @@ from ftp_vllm.eval.fidelity import (
     dense_reference,
     first_mismatch,
     kl_divergence,
+    mean_interval,
     measure,
     summarize,
 )
@@ -142,6 +143,23 @@ def test_kl_and_aggregates():
     assert o["sparsity"] == pytest.approx(1 - 290 / 370)  # token-weighted
     assert set(s["buckets"]) == {"64", "256"}
     assert s["buckets"]["64"]["sparsity"] == pytest.approx(0.25)
+
+
+def test_mean_interval_brackets_the_mean_and_narrows_with_prompts():
+    import random
+
+    rng = random.Random(0)
+    heavy = [rng.lognormvariate(-1.5, 1.2) for _ in range(24)]  # per-prompt KL is heavy-tailed
+    lo, hi = mean_interval(heavy)
+    mean = sum(heavy) / len(heavy)
+    assert lo < mean < hi
+    assert mean_interval(heavy) == (lo, hi)  # seeded: a report is stable
+    more = heavy * 16  # the same spread over 16x the prompts
+    lo2, hi2 = mean_interval(more)
+    assert lo < lo2 < mean < hi2 < hi
+    assert mean_interval([0.2] * 5) == (0.2, 0.2)
+    with pytest.raises(ValueError):
+        mean_interval([])
 
 
 # ----------------------------------------------------------------- held-out prompts
@@ -274,5 +292,6 @@ def test_command_writes_results_that_the_report_renders(tmp_path, monkeypatch):
     for r in results:
         m = r["metrics"]
         assert f"`{r['command']}`" in out
-        assert f"{m['sparsity']:.3f} | {m['kl_mean']:.4f} | {m['top1_agreement']:.3f} | " \
-               f"{m['match_mean']:.1f}" in out
+        lo, hi = mean_interval([p["kl"] for p in r["per_prompt"]])
+        assert f"{m['sparsity']:.3f} | {m['kl_mean']:.4f} | {lo:.3f}-{hi:.3f} | " \
+               f"{m['kl_median']:.4f} | {m['top1_agreement']:.3f} | {m['match_mean']:.1f}" in out
