@@ -268,6 +268,13 @@ def test_markdown_shows_the_newest_record_of_each_target():
     assert md.index("--sparsity 0.3`") < md.index("--sparsity 0.0`")
     assert "| 1.20x |" in md and "| 1.00x |" in md and "| 1.17x |" not in md
     assert "against two servers started one at a time" in md
+    # a --dtype run of the same target is its own record, after the model's own dtype
+    fp32 = {**record(0.0, "2026-04", 610),
+            "command": "ftp-vllm serve-bench --sparsity 0 --dtype float32"}
+    assert st.latest_per_target([zero, old, fp32, new]) == [new, zero, fp32]
+    md = st.markdown_section([zero, old, fp32, new])
+    assert md.index("--sparsity 0.0`") < md.index("--dtype float32`")
+    assert "in float32, router" in md and "in its own dtype, router" in md
 
 
 # ------------------------------------------------------------------------ end to end (slow)
