@@ -128,7 +128,7 @@ def _pct(s: dict | None) -> str:
     return "-" if not s else f"{100 * s['median']:.0f}%"
 
 
-def served_dtype(rec: dict[str, Any]) -> str | None:
+def record_dtype(rec: dict[str, Any]) -> str | None:
     """The `--dtype` the record's servers were started with (read from its command, which
     every record carries); None: the model's own."""
     args = shlex.split(rec.get("command") or "")
@@ -144,13 +144,16 @@ def latest_per_target(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The newest serve-bench record of each routed target and served dtype, highest target
     first (the served default's run, then e.g. a `--sparsity 0` run measuring the plugin's
     cost), the model's own dtype before a `--dtype` run."""
-    by_target: dict[Any, list[dict[str, Any]]] = {}
+    by_key: dict[tuple[Any, str | None], list[dict[str, Any]]] = {}
     for rec in results:
         if rec.get("kind") == KIND:
-            by_target.setdefault((rec.get("target"), served_dtype(rec)), []).append(rec)
-    newest = [latest(recs, KIND) for recs in by_target.values()]
-    return sorted(newest, key=lambda r: (r.get("target") is None, -(r.get("target") or 0),
-                                         served_dtype(r) is not None, served_dtype(r) or ""))
+            by_key.setdefault((rec.get("target"), record_dtype(rec)), []).append(rec)
+
+    def order(item: tuple[tuple[Any, str | None], list[dict[str, Any]]]) -> tuple:
+        (target, dtype), _ = item
+        return (target is None, -(target or 0), dtype is not None, dtype or "")
+
+    return [latest(recs, KIND) for _, recs in sorted(by_key.items(), key=order)]
 
 
 def markdown_section(results: list[dict[str, Any]]) -> str:
@@ -189,7 +192,7 @@ def record_markdown(rec: dict[str, Any]) -> str:
         f"vLLM's benchmark client (`vllm bench serve`, in-process; multi-turn through its chat "
         f"request function) against {_servers(rec)} started one at a time (vLLM "
         f"{rec.get('vllm', '?')}, {hw.get('machine', '?')}, {hw.get('cpus', '?')} CPUs, model "
-        f"{rec.get('model', '?')} in {served_dtype(rec) or 'its own dtype'}, router "
+        f"{rec.get('model', '?')} in {record_dtype(rec) or 'its own dtype'}, router "
         f"{rec.get('router') or '-'}, target "
         f"{rec.get('target') if rec.get('target') is not None else '-'}), "
         f"{rec.get('rounds', '?')} round(s) in rotated order. **vanilla default**: plain vLLM "
