@@ -3,6 +3,9 @@
     router.json         format, version, router kind, routing mode, schedules, model
                         fingerprint, provenance
     router.safetensors  MLP weights (absent for the static router)
+    skip_update.safetensors
+                        the skip update (``routing.skip_update``; absent: skipped tokens
+                        pass through unchanged, as in FTP)
 
 Loading checks everything a wrong file could get wrong and names the file and the fix.
 """
@@ -24,11 +27,13 @@ from ftp_vllm.contract import FINGERPRINT_KEYS, SHIPPED_ARTIFACT
 from ftp_vllm.contract import STATIC_ARTIFACT as STATIC_ARTIFACT_NAME
 from ftp_vllm.routing.router import MLPRouter, StaticRouter, TokenRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 FORMAT = "ftp-vllm-router"
 VERSION = 1
 CONFIG_FILE = "router.json"
 WEIGHTS_FILE = "router.safetensors"
+SKIP_UPDATE_FILE = "skip_update.safetensors"
 # Artifacts shipped inside the package, for the default model (SmolLM2-135M-Instruct).
 SHIPPED_DIR = Path(__file__).parent / "artifacts"
 DEFAULT_ARTIFACT = SHIPPED_DIR / SHIPPED_ARTIFACT  # served by default: window routing
@@ -71,12 +76,13 @@ def folder_fingerprint(model_dir: str | Path) -> tuple[dict[str, Any], Any]:
 def uniform_artifact(path: str | Path, fingerprint: dict[str, Any], router: TokenRouter,
                      kind: str, targets: tuple[float, ...],
                      provenance: dict[str, Any] | None = None,
-                     window: int | None = None) -> Path:
+                     window: int | None = None,
+                     skip_update: SkipUpdate | None = None) -> Path:
     """Save an artifact whose schedules spread each target evenly over the blocks (the
     benchmarks' static router for a model with no shipped artifact; the tests' routers)."""
     schedule = SparsitySchedule.uniform(list(targets), int(fingerprint["num_hidden_layers"]))
     return RouterArtifact(kind, schedule, dict(fingerprint), router, provenance or {},
-                          window).save(path)
+                          window, skip_update).save(path)
 
 
 @dataclass
@@ -87,6 +93,7 @@ class RouterArtifact:
     router: TokenRouter
     provenance: dict[str, Any] = field(default_factory=dict)
     window: int | None = None  # window routing over aligned windows of this many tokens
+    skip_update: SkipUpdate | None = None  # what skipped tokens gain (None: nothing)
 
     @property
     def num_layers(self) -> int:
@@ -106,6 +113,8 @@ class RouterArtifact:
             "version": VERSION,
             "router": {"kind": self.kind},
             "routing": {"mode": self.mode, **({"window": self.window} if self.window else {})},
+            **({"skip_update": {"kind": "low_rank_linear", "rank": self.skip_update.rank}}
+               if self.skip_update is not None else {}),
             "schedules": self.schedule.to_dict(),
             "model": self.fingerprint,
             "provenance": self.provenance,
@@ -116,6 +125,14 @@ class RouterArtifact:
                 k: v.detach().float().contiguous() for k, v in self.router.state_dict().items()
             }
             save_file(state, str(path / WEIGHTS_FILE), metadata={"format": FORMAT})
+        skip_file = path / SKIP_UPDATE_FILE
+        if self.skip_update is not None:
+            if self.skip_update.num_layers != self.num_layers:
+                raise ValueError(f"skip update has {self.skip_update.num_layers} layers, the "
+                                 f"schedules {self.num_layers}")
+            save_file(self.skip_update.state_dict(), str(skip_file), metadata={"format": FORMAT})
+        elif skip_file.exists():
+            skip_file.unlink()  # a stale update of an earlier save must not be loaded with this
         (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
@@ -180,10 +197,36 @@ def load_artifact(path: Path | str) -> RouterArtifact:
         router.eval()
     else:
         raise ArtifactError(cfg_path, f"unknown router kind {kind!r} (expected 'mlp' or 'static')")
+    skip_update = _load_skip_update(cfg_path, meta.get("skip_update"), fingerprint)
     return RouterArtifact(
         kind=kind, schedule=schedule, fingerprint=fingerprint, router=router,
-        provenance=dict(meta.get("provenance", {})), window=window,
+        provenance=dict(meta.get("provenance", {})), window=window, skip_update=skip_update,
     )
+
+
+def _load_skip_update(cfg_path: Path, entry: Any, fingerprint: dict[str, Any]
+                      ) -> SkipUpdate | None:
+    """The artifact's skip update, checked against its model's shape; None without the entry."""
+    if entry is None:
+        return None
+    weights = cfg_path.parent / SKIP_UPDATE_FILE
+    if not isinstance(entry, dict) or entry.get("kind") != "low_rank_linear":
+        raise ArtifactError(cfg_path, f"unknown skip update {entry!r} (expected kind "
+                            "'low_rank_linear')")
+    if not weights.exists():
+        raise ArtifactError(weights, "file not found (router.json names a skip update)",
+                            "Restore the file or refit it with `ftp-vllm skip-update`")
+    try:
+        update = SkipUpdate.from_state_dict(load_file(str(weights)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ArtifactError(weights, f"corrupt or mismatched skip update ({e})") from None
+    want = (int(fingerprint["num_hidden_layers"]), int(fingerprint["hidden_size"]),
+            entry.get("rank"))
+    if (update.num_layers, update.hidden_size, update.rank) != want:
+        raise ArtifactError(weights, f"skip update of {update.num_layers} layers, hidden size "
+                            f"{update.hidden_size}, rank {update.rank}; router.json and the "
+                            f"model say {want}", "Refit it with `ftp-vllm skip-update`")
+    return update
 
 
 def _routing_window(routing: Any) -> int | None:

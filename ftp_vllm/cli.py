@@ -116,7 +116,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     for label, how, router, sched in runs:
         t0 = time.perf_counter()
         result = greedy_generate(model, prompt_ids, args.max_new_tokens, router, sched,
-                                 eos_token_id=eos, window=artifact.window)
+                                 eos_token_id=eos, window=artifact.window,
+                                 skip_update=artifact.skip_update)
         elapsed = time.perf_counter() - t0
         keep = result.keep
         sparsity = 1.0 - keep.float().mean().item()

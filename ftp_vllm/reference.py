@@ -2,8 +2,9 @@
 
 This is the oracle the vLLM plugin is proven against. It computes every block for every token
 and then keeps the block's output only for routed-in tokens, so a skipped token's hidden state
-passes through bit-exactly while its K/V at that block still come from the hidden state it
-carries in (KV consistency). Sequences are flattened back to back, as vLLM lays them out.
+passes through bit-exactly (or gains the artifact's skip update, ``routing.skip_update``) while
+its K/V at that block still come from the hidden state it carries in (KV consistency).
+Sequences are flattened back to back, as vLLM lays them out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from ftp_vllm.routing.factors import attention_scores
 from ftp_vllm.routing.layout import TokenLayout
 from ftp_vllm.routing.router import DenseRouter, RouterInputs, TokenRouter
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 GateFn = Callable[[RouterInputs], Tensor]
 
@@ -66,6 +68,7 @@ def routed_forward(
     gate: GateFn | None = None,
     logits_at: Tensor | None = None,
     window: int | None = None,
+    skip_update: SkipUpdate | None = None,
 ) -> RoutedOutput:
     """Forward of flattened sequences with per-token, per-block skip decisions.
 
@@ -76,7 +79,8 @@ def routed_forward(
     logits_at: flattened indices of the tokens whose logits are wanted (default: all); the
     LM head is a fifth of this model's work, so scoring a few positions saves much.
     window: ``window`` routing (docs/ROUTER.md): decisions within aligned windows of this many
-    prompt tokens; None: ``exact`` routing over each whole prompt.
+    prompt tokens; None: ``exact`` routing over each whole prompt. skip_update: what a skipped
+    token's hidden state gains at each block (None: nothing).
     """
     inner = model.model
     cfg = model.config
@@ -129,17 +133,18 @@ def routed_forward(
         )
         h_attn = h + attn.o_proj(o[0].transpose(0, 1).reshape(num_tokens, -1))
         h_out = h_attn + layer.mlp(layer.post_attention_layernorm(h_attn))
+        h_skip = h if skip_update is None else h + skip_update.delta(i, x)
         if gate is not None:
             g = torch.ones(num_tokens, dtype=h.dtype, device=h.device)
             g = g.index_put((routed_idx,), gate(inputs).to(h.dtype))
             keeps.append(g[routed_idx].detach() > 0.5)
-            h = h + g[:, None] * (h_out - h)
+            h = h_skip + g[:, None] * (h_out - h_skip)
         else:
             keep = router.keep(inputs)
             keeps.append(keep)
             keep_all = torch.ones(num_tokens, dtype=torch.bool, device=h.device)
             keep_all[routed_idx] = keep
-            h = torch.where(keep_all[:, None], h_out, h)
+            h = torch.where(keep_all[:, None], h_out, h_skip)
     if logits_at is not None:
         h = h[logits_at]
     logits = model.lm_head(inner.norm(h))
@@ -166,6 +171,7 @@ def greedy_generate(
     schedule_blocks: Tensor | None = None,
     eos_token_id: int | None = None,
     window: int | None = None,
+    skip_update: SkipUpdate | None = None,
 ) -> GenerationResult:
     """Greedy decoding without a KV cache: every step recomputes the whole sequence.
 
@@ -181,7 +187,7 @@ def greedy_generate(
     for _ in range(max_new_tokens):
         out = routed_forward(
             model, ids, [ids.numel()], router, schedule_blocks, routed_lengths=[n_prompt],
-            window=window,
+            window=window, skip_update=skip_update,
         )
         first = first or out
         nxt = int(out.logits[-1].argmax())
@@ -190,7 +196,8 @@ def greedy_generate(
             break
         ids = torch.cat([ids, ids.new_tensor([nxt])])
     if first is None:
-        first = routed_forward(model, ids, [n_prompt], router, schedule_blocks, window=window)
+        first = routed_forward(model, ids, [n_prompt], router, schedule_blocks, window=window,
+                               skip_update=skip_update)
     return GenerationResult(
         tokens=generated, keep=first.keep, prompt_logits=first.logits[:n_prompt]
     )

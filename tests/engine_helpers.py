@@ -114,14 +114,16 @@ def check_against_reference(
     """Prompt logprobs and greedy tokens equal the reference replaying the plugin's mask;
     returns the agreement of the plugin's decisions with the reference router's own."""
     blocks = router.schedule.blocks(sparsity)
-    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks)
+    skip_update = getattr(router, "skip_update", None)
+    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks,
+                          skip_update=skip_update)
     if check_tokens:
         assert list(out.outputs[0].token_ids) == ref.tokens
     got = prompt_logprobs(out)
     want = reference_logprobs(ref.prompt_logits, prompt)
     assert torch.allclose(got, want, atol=tol, rtol=rtol), (got - want).abs().max()
     own = routed_forward(hf_model, torch.tensor(prompt), None, router.router, blocks,
-                         window=getattr(router, "window", None))
+                         window=getattr(router, "window", None), skip_update=skip_update)
     assert bool(own.keep[:, 0].all()) and bool(own.keep[:, -1].all())
     return (own.keep == mask).float().mean().item()
 
@@ -164,9 +166,11 @@ def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, f
             hf_model, artifact, prompt, out, mask, sparsity, tol=BF16_ATOL, rtol=BF16_RTOL,
             check_tokens=False,
         )
-        matched += check_greedy_tokens(hf_model, prompt, out, mask, blocks)
+        matched += check_greedy_tokens(hf_model, prompt, out, mask, blocks,
+                                       artifact.skip_update)
         with torch.no_grad():
-            ref = routed_forward(hf_model, torch.tensor(prompt), None, MaskRouter(mask), blocks)
+            ref = routed_forward(hf_model, torch.tensor(prompt), None, MaskRouter(mask), blocks,
+                                 skip_update=artifact.skip_update)
             err = (prompt_logprobs(out) - reference_logprobs(ref.logits, prompt)).abs()
         assert float(err.mean()) <= BF16_MEAN, float(err.mean())
         pairs += mask.numel()
@@ -177,13 +181,14 @@ def check_routed_bf16(llm, hf_model, artifact, prompts, sparsity) -> dict[str, f
     return {"sparsity": skipped / pairs, "matched": matched / (MAX_NEW * len(prompts))}
 
 
-def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> int:
+def check_greedy_tokens(hf_model, prompt, out, mask, blocks, skip_update=None) -> int:
     """Engine greedy tokens == the float32 reference's (no-cache recomputation replaying the
     mask), up to a step where they differ as a bf16 tie: the engine's log-probabilities of
     its token and of the reference's there (its top BF16_TOP_LOGPROBS, so `out` must come from
     ``params(logprobs=BF16_TOP_LOGPROBS)``) are both within the per-token bf16 tolerance of
     the reference's. Returns how many leading tokens match."""
-    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks)
+    ref = greedy_generate(hf_model, torch.tensor(prompt), MAX_NEW, MaskRouter(mask), blocks,
+                          skip_update=skip_update)
     got = list(out.outputs[0].token_ids)
     if got == ref.tokens:
         return len(got)
@@ -191,7 +196,8 @@ def check_greedy_tokens(hf_model, prompt, out, mask, blocks) -> int:
     ids = torch.tensor(prompt + ref.tokens[:j])
     with torch.no_grad():
         logits = routed_forward(
-            hf_model, ids, [len(ids)], MaskRouter(mask), blocks, routed_lengths=[len(prompt)]
+            hf_model, ids, [len(ids)], MaskRouter(mask), blocks, routed_lengths=[len(prompt)],
+            skip_update=skip_update,
         ).logits[-1]
     want = torch.log_softmax(logits.double(), dim=-1)
     engine = out.outputs[0].logprobs[j]

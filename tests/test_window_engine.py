@@ -47,8 +47,9 @@ def hf(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, hf):
+    # with a skip update (``routing.skip_update``), as the served default has
     return make_artifact(tmp_path_factory.mktemp("art") / "mlp-window", hf[0], kind="mlp",
-                         window=WINDOW)
+                         window=WINDOW, skip_rank=8)
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +75,12 @@ def reference(hf_model, art, prompt, sparsity=SPARSITY):
 
     blocks = art.schedule.blocks(sparsity)
     ids = torch.tensor(prompt)
-    own = routed_forward(hf_model, ids, None, art.router, blocks, window=art.window)
+    own = routed_forward(hf_model, ids, None, art.router, blocks, window=art.window,
+                         skip_update=art.skip_update)
     lp = torch.log_softmax(own.logits.double(), -1)
     logprobs = lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
-    gen = greedy_generate(hf_model, ids, MAX_NEW, art.router, blocks, window=art.window)
+    gen = greedy_generate(hf_model, ids, MAX_NEW, art.router, blocks, window=art.window,
+                          skip_update=art.skip_update)
     return gen.tokens, logprobs, own.keep
 
 

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from ftp_vllm.artifact import folder_fingerprint, uniform_artifact
 from ftp_vllm.routing.router import MLPRouter, StaticRouter
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 TINY = dict(
     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -115,13 +116,29 @@ def scored_mlp_router(seed: int = 0, bias: float = -0.5) -> MLPRouter:
 
 def make_artifact(path: str | Path, fingerprint: dict[str, Any], kind: str = "static",
                   targets: tuple[float, ...] = (0.2, 0.4), router: Any = None,
-                  window: int | None = None) -> Path:
+                  window: int | None = None, skip_rank: int = 0) -> Path:
     """A uniform-schedule artifact: static router, or `router` / a scored random MLP;
-    window routing over `window`-token windows, else exact."""
+    window routing over `window`-token windows, else exact; a random skip update of
+    `skip_rank` (0: none)."""
     if router is None:
         router = StaticRouter() if kind == "static" else scored_mlp_router()
+    update = None
+    if skip_rank:
+        update = random_skip_update(int(fingerprint["num_hidden_layers"]),
+                                    int(fingerprint["hidden_size"]), skip_rank)
     return uniform_artifact(path, fingerprint, router, kind, targets, {"made_by": "tests"},
-                            window)
+                            window, update)
+
+
+def random_skip_update(num_layers: int, hidden: int, rank: int, seed: int = 0) -> SkipUpdate:
+    """A random skip update whose deltas are about a tenth of a normed state's size: large
+    enough that a path which drops or misplaces it leaves the reference's tolerance."""
+    gen = torch.Generator().manual_seed(seed)
+    return SkipUpdate(
+        torch.randn(num_layers, hidden, rank, generator=gen) / hidden ** 0.5,
+        torch.randn(num_layers, rank, hidden, generator=gen) * (0.1 / rank ** 0.5),
+        torch.randn(num_layers, hidden, generator=gen) * 0.05,
+    )
 
 
 def make_router(model_dir: Path, path: Path, kind: str = "mlp",

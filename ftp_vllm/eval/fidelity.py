@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ftp_vllm.reference import routed_forward
 from ftp_vllm.routing.router import DenseRouter, TokenRouter
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 
 @dataclass
@@ -74,7 +75,8 @@ class PromptFidelity:
 
 def teacher_forced(model: nn.Module, prompt: Sequence[int], continuation: Sequence[int],
                    router: TokenRouter | None = None, block_sparsity: Tensor | None = None,
-                   window: int | None = None) -> tuple[Tensor, Tensor]:
+                   window: int | None = None, skip_update: SkipUpdate | None = None,
+                   ) -> tuple[Tensor, Tensor]:
     """(logits [len(continuation), V] float32, keep [L, len(prompt)]): the logits predicting
     each continuation token given the prompt and the continuation before it, with the prompt
     routed and the continuation dense."""
@@ -83,7 +85,8 @@ def teacher_forced(model: nn.Module, prompt: Sequence[int], continuation: Sequen
     ids = torch.tensor([*prompt, *continuation[:-1]], dtype=torch.long, device=device)
     rows = torch.arange(n - 1, n - 1 + len(continuation), device=device)
     out = routed_forward(model, ids, [ids.numel()], router or DenseRouter(), block_sparsity,
-                         routed_lengths=[n], logits_at=rows, window=window)
+                         routed_lengths=[n], logits_at=rows, window=window,
+                         skip_update=skip_update)
     return out.logits.float(), out.keep
 
 
@@ -163,10 +166,11 @@ def kl_divergence(reference_logits: Tensor, logits: Tensor) -> float:
 @torch.no_grad()
 def measure(model: nn.Module, reference: DenseReference, bucket: int,
             router: TokenRouter | None = None, block_sparsity: Tensor | None = None,
-            dense_num_layers: int | None = None, window: int | None = None) -> PromptFidelity:
+            dense_num_layers: int | None = None, window: int | None = None,
+            skip_update: SkipUpdate | None = None) -> PromptFidelity:
     """One prompt's fidelity of a configuration (model + router + per-block targets)."""
     logits, keep = teacher_forced(model, reference.prompt, reference.continuation, router,
-                                  block_sparsity, window)
+                                  block_sparsity, window, skip_update)
     pred = logits.argmax(dim=-1).tolist()
     n = len(reference.prompt)
     layers = dense_num_layers or model.config.num_hidden_layers

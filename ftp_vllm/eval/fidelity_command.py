@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = setup.scorer
         label = method if method == "dense" else f"{method} {sparsity:g}"
         rows = [measure(scorer.model, r, p.bucket, scorer.router, scorer.block_sparsity,
-                        scorer.dense_num_layers, scorer.window)
+                        scorer.dense_num_layers, scorer.window, scorer.skip_update)
                 for p, r in tqdm(list(zip(prompts, refs, strict=True)), desc=label,
                                  disable=disable)]
         metrics = summarize(rows)

@@ -153,7 +153,12 @@ def build_method(
         info["seed"] = seed
     info["schedule"] = kind
     info["block_sparsity"] = [round(float(b), 6) for b in blocks]
-    scorer = ReferenceScorer(model, router, blocks, batch_tokens=batch_tokens, window=window)
+    # the artifact's skip update goes with its own router (window, ftp), as served
+    skip_update = art.skip_update if method in METHOD_ARTIFACT else None
+    if skip_update is not None:
+        info["skip_update_rank"] = skip_update.rank
+    scorer = ReferenceScorer(model, router, blocks, batch_tokens=batch_tokens, window=window,
+                             skip_update=skip_update)
     return MethodSetup(scorer, info)
 
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ftp_vllm.flops import BlockShape, prefill_flops
 from ftp_vllm.reference import routed_forward
 from ftp_vllm.routing.router import DenseRouter, TokenRouter
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 Request = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
@@ -158,6 +159,7 @@ class ReferenceScorer:
         dense_num_layers: int | None = None,
         name: str = "reference",
         window: int | None = None,
+        skip_update: SkipUpdate | None = None,
     ):
         self.model = model
         self.hidden = _NormedHidden(model)
@@ -167,7 +169,9 @@ class ReferenceScorer:
         self.max_length = max_length
         self.num_layers = model.config.num_hidden_layers
         self.dense_num_layers = dense_num_layers or self.num_layers
-        self.shape = BlockShape.from_config(model.config)
+        self.skip_update = skip_update  # what skipped tokens gain (None: nothing)
+        self.shape = BlockShape.from_config(
+            model.config, skip_rank=skip_update.rank if skip_update is not None else 0)
         self.name = name
         self.window = window  # window routing (docs/ROUTER.md); None: whole prompts
         self.stats = ScoreStats()
@@ -201,7 +205,7 @@ class ReferenceScorer:
         device = next(self.model.parameters()).device
         ids = torch.tensor([t for p, _ in prompts for t in p], dtype=torch.long, device=device)
         res = routed_forward(self.hidden, ids, lengths, self.router, self.block_sparsity,
-                             window=self.window)
+                             window=self.window, skip_update=self.skip_update)
         # Positions whose next-token distribution predicts a continuation token.
         rows, targets = [], []
         start = 0

@@ -24,25 +24,23 @@ import torch
 
 
 def first_layer_inputs(layer: Any, positions: torch.Tensor, hidden_states: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, ...]:
     """The first layer's inputs: its residual is the embedding itself."""
     return _qkv(layer, positions, layer.input_layernorm(hidden_states), hidden_states)
 
 
 def layer_inputs(layer: Any, positions: torch.Tensor, hidden_states: torch.Tensor,
-                 residual: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 residual: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Input norm (fused with the residual add), q/k/v and RoPE of every token:
-    (q, k, v, residual)."""
+    (q, k, v, residual, normed hidden states)."""
     hidden_states, residual = layer.input_layernorm(hidden_states, residual)
     return _qkv(layer, positions, hidden_states, residual)
 
 
-def _qkv(layer: Any, positions: torch.Tensor, hidden_states: torch.Tensor,
-         residual: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _qkv(layer: Any, positions: torch.Tensor, normed: torch.Tensor, residual: torch.Tensor
+         ) -> tuple[torch.Tensor, ...]:
     self_attn = layer.self_attn
-    qkv, _ = self_attn.qkv_proj(hidden_states)
+    qkv, _ = self_attn.qkv_proj(normed)
     q, k, v = qkv.split([self_attn.q_size, self_attn.kv_size, self_attn.kv_size], dim=-1)
     if getattr(self_attn, "qk_norm", False):
         n = q.shape[0]
@@ -50,7 +48,7 @@ def _qkv(layer: Any, positions: torch.Tensor, hidden_states: torch.Tensor,
         k = self_attn.k_norm(k.view(n, self_attn.num_kv_heads, self_attn.head_dim))
         q, k = q.view(n, self_attn.q_size), k.view(n, self_attn.kv_size)
     q, k = self_attn.rotary_emb(positions, q, k)
-    return q, k, v, residual
+    return q, k, v, residual, normed
 
 
 def all_outputs(layer: Any, attn_out: torch.Tensor, residual: torch.Tensor

@@ -7,7 +7,8 @@ A routed layer, on a step with prompts to route:
      backend's own builder; one call per group of virtual requests the backend accepts)
   -> o_proj, post-attention norm and MLP for kept tokens only
   -> scatter back: skipped rows return (0, residual), so vLLM's next fused add passes their
-     hidden state through bit-exactly.
+     hidden state through bit-exactly; with the artifact's skip update they return
+     (delta(normed input), residual) instead (``routing.skip_update``).
 Steps without prompts to route (decode, sparsity 0, profiling) run vLLM's own layer code,
 compiled as vLLM compiles it (torch.compile; CUDA graphs on a GPU): the model's forward asks
 the routing runtime first and leaves vLLM's graph (the forward context's ``skip_compiled``)
@@ -39,6 +40,7 @@ from ftp_vllm.plugin.vllm_internals import (
     write_kv,
     writes_kv_in_forward,
 )
+from ftp_vllm.routing.skip_update import SkipUpdate
 
 FINAL_NORM = "model.norm.weight"
 
@@ -50,6 +52,7 @@ class RoutedLayerMixin:
     ftp_layer: int
     ftp_last: bool
     ftp_parts: DenseParts  # set by the model (one compiled copy per model)
+    ftp_skip_update: SkipUpdate | None = None  # set by the model, in its device and dtype
 
     def _ftp_init(self, prefix: str, num_layers: int) -> None:
         self.ftp_layer = extract_layer_index(prefix)
@@ -71,9 +74,9 @@ class RoutedLayerMixin:
     def _routed_forward(self, runtime, plan, positions, hidden_states, residual):
         parts = self.ftp_parts
         if residual is None:
-            q, k, v, residual = parts.first_inputs(self, positions, hidden_states)
+            q, k, v, residual, normed = parts.first_inputs(self, positions, hidden_states)
         else:
-            q, k, v, residual = parts.inputs(self, positions, hidden_states, residual)
+            q, k, v, residual, normed = parts.inputs(self, positions, hidden_states, residual)
         self_attn = self.self_attn
         attn = self_attn.attn
         route = runtime.route(
@@ -90,7 +93,7 @@ class RoutedLayerMixin:
         idx = route.kept_idx
         num_kept = idx.numel()
         if num_kept == 0:  # nothing of this step runs the block: every row passes through
-            return torch.zeros_like(residual), residual
+            return self._ftp_skipped(torch.zeros_like(residual), normed, route), residual
         query = q.view(num_tokens, attn.num_heads, attn.head_size).index_select(0, idx)
         attn_out = torch.empty(
             (num_kept, attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device
@@ -101,7 +104,18 @@ class RoutedLayerMixin:
             a, b = part.start, part.end
             attend(attn, query[a:b], kept_key[a:b], kept_value[a:b],
                    runtime.part_metadata(plan, part), out=attn_out[a:b])
-        return parts.kept_outputs(self, attn_out.view(num_kept, -1), residual, idx)
+        hidden_out, residual = parts.kept_outputs(self, attn_out.view(num_kept, -1), residual,
+                                                  idx)
+        return self._ftp_skipped(hidden_out, normed, route), residual
+
+    def _ftp_skipped(self, hidden_out, normed, route):
+        """The skipped rows' output: the skip update of their normed input (zero without)."""
+        update = self.ftp_skip_update
+        idx = route.skipped_idx
+        if update is None or idx.numel() == 0:
+            return hidden_out
+        return hidden_out.index_copy_(
+            0, idx, update.delta(self.ftp_layer, normed.index_select(0, idx)))
 
 
 class FTPLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
@@ -150,14 +164,19 @@ class RoutedModelMixin:
         # exact-mode (MLP router) bf16 outputs off the oracle on one CPU (a prompt logprob 0.70
         # away; eager and plain vLLM: 0.11) and made greedy tokens depend on the batch.
         parts = dense_parts(compile=not router.needs_scores)
+        skip_update = settings.artifact.skip_update
+        if skip_update is not None:
+            skip_update = skip_update.to(device, vllm_config.model_config.dtype)
         for layer in layers:
             layer.ftp_parts = parts
+            layer.ftp_skip_update = skip_update
         runtime = RoutingRuntime(
             router=router,
             schedule=settings.artifact.schedule,
             default_sparsity=settings.sparsity,
             num_layers=cfg.num_hidden_layers,
-            shape=BlockShape.from_config(cfg),
+            shape=BlockShape.from_config(
+                cfg, skip_rank=skip_update.rank if skip_update is not None else 0),
             vllm_config=vllm_config,
             tp_size=get_tensor_model_parallel_world_size(),
             backend_name=backend.get_name(),

@@ -94,6 +94,7 @@ class AttnPart:
 @dataclass
 class LayerRoute:
     kept_idx: Tensor  # [K] long, flattened indices of tokens that run the block
+    skipped_idx: Tensor  # [S] long, flattened indices of the tokens that skip it
     parts: list[AttnPart]  # attention calls, in kept-token order
 
 
@@ -394,6 +395,7 @@ class RoutingRuntime:
         runs = kept_runs(keep_all, plan.tok_req, plan.tok_pos)
         device = plan.step_metadata.query_start_loc.device
         kept_t = torch.from_numpy(runs.kept).to(device)
+        skipped_t = torch.from_numpy(np.flatnonzero(~keep_all)).to(device)
         parts = []
         for lo, hi in split_runs(runs.num_runs, self.policy().max_requests):
             start = int(runs.run_start[lo])
@@ -403,7 +405,7 @@ class RoutingRuntime:
                 runs.run_seq[lo:hi], kept_t[start:end],
             )
             parts.append(AttnPart(start=start, end=end, common_metadata=metadata, key=(key, lo)))
-        return LayerRoute(kept_idx=kept_t, parts=parts)
+        return LayerRoute(kept_idx=kept_t, skipped_idx=skipped_t, parts=parts)
 
 
 def step_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],

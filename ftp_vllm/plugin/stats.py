@@ -59,7 +59,9 @@ class RoutingStats:
         lengths = np.asarray(plan.routed_lens)
         starts = np.cumsum(lengths) - lengths
         kept_cost = (keeps * per_kept).sum(0)  # [Tr] summed over layers
-        routed_req = np.add.reduceat(kept_cost, starts) + num_layers * kv * lengths
+        skipped_req = num_layers * lengths - np.add.reduceat(keeps.sum(0), starts)
+        routed_req = (np.add.reduceat(kept_cost, starts) + num_layers * kv * lengths
+                      + shape.skip_update_flops * skipped_req)
         dense_req = np.add.reduceat(per_kept, starts) * num_layers + num_layers * kv * lengths
 
         self.routed_steps += 1

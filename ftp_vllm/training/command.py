@@ -4,6 +4,9 @@
     2. ftp-vllm train --schedule-from A_static --output A    # router, three losses
     3. ftp-vllm schedule --router A --output A               # GA fine-tune with that router
 
+and, for any artifact, `ftp-vllm skip-update --router A --output B`: what skipped tokens gain
+(``routing.skip_update``), fitted to the dense model on train-split text.
+
 All text comes from the LAMBADA calibration splits ("train" for the router, "tune" for the
 search fitness); evaluation items are never seen here.
 """
@@ -62,6 +65,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tp.add_argument("--seq-len", type=int, default=128)
     _common(tp)
     tp.set_defaults(func=_cmd_train)
+
+    up = subparsers.add_parser(
+        "skip-update",
+        help="fit what skipped tokens gain at each block (low-rank linear estimate of the "
+        "block's update) and write it into a copy of a router artifact")
+    up.add_argument("--router", required=True, help="router artifact folder to start from")
+    up.add_argument("--output", required=True, help="artifact folder to write")
+    up.add_argument("--rank", type=int, default=64,
+                    help="rank of each block's linear map (cost per skipped token and block: "
+                    "4 x hidden x rank FLOPs)")
+    up.add_argument("--ridge", type=float, default=1e-2, help="ridge weight of the regression")
+    up.add_argument("--chat-lengths", type=int, nargs="+", default=[256, 512, 1024], metavar="N",
+                    help="calibration prompts: train-split passages in the chat template, "
+                    "--num-seqs of about each of these lengths")
+    up.add_argument("--num-seqs", type=int, default=24, help="prompts per length")
+    _common(up)
+    up.set_defaults(func=_cmd_skip_update)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -148,11 +168,11 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     num_layers = model.config.num_hidden_layers
     if args.router == "static":
         base = None
-        router, kind = StaticRouter(), "static"
+        router, kind, skip_update = StaticRouter(), "static", None
     else:
         base = load_artifact(args.router)
         base.check_model(fingerprint, args.router)
-        router, kind = base.router, base.kind
+        router, kind, skip_update = base.router, base.kind, base.skip_update
     seqs, data, fitness_text, tail = fitness_sequences(
         tokenizer, args.num_seqs, args.seq_len, args.chat_lengths, args.seed)
     ids, lengths = torch.cat(seqs), [len(s) for s in seqs]
@@ -171,11 +191,11 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             # nominal budget at which it realizes `target` on the tune text.
             start_blocks = base.schedule.blocks(min(target, base.schedule.max_target))
             init = [calibrate_budget(model, ids, lengths, router, start_blocks, target,
-                                     window=args.window)]
+                                     window=args.window, skip_update=skip_update)]
             budget = float(init[0].mean())
             print(f"target {target:g}: router input budget {budget:.3f}", flush=True)
         fitness = kl_fitness(model, ids, lengths, router, target, logits_at=at,
-                             window=args.window)
+                             window=args.window, skip_update=skip_update)
         pins = last_block_pin(num_layers, budget) if counts else {}
         best, hist = search_schedule(fitness, num_layers, budget, cfg, init=init, pinned=pins)
         pinned[f"{target:g}"] = {str(i): v for i, v in pins.items()}
@@ -195,10 +215,52 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
                 "pinned_blocks": pinned,
                 "seconds": round(time.perf_counter() - start, 1),
             },
-            **({"training": base.provenance.get("training")} if base else {}),
+            **({key: base.provenance[key] for key in ("training", "skip_update")
+                if key in base.provenance} if base else {}),
         ),
         window=args.window,
+        skip_update=skip_update,
     )
+    print(f"wrote {artifact.save(args.output)}")
+
+
+def _cmd_skip_update(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from ftp_vllm.artifact import load_artifact
+    from ftp_vllm.data.calibration import calibration_passages
+    from ftp_vllm.eval.heldout import build_prompts
+    from ftp_vllm.training.skip_fit import block_moments, fit_skip_update
+
+    model, tokenizer, fingerprint, model_path = _setup(args)
+    base = load_artifact(args.router)
+    base.check_model(fingerprint, args.router)
+    hidden = model.config.hidden_size
+    if not 1 <= args.rank <= hidden:
+        raise ValueError(f"--rank must lie in [1, {hidden}] (the model's hidden size), "
+                         f"got {args.rank}")
+    prompts = build_prompts(tokenizer, args.chat_lengths, args.num_seqs, args.seed,
+                            passages=tuple(calibration_passages("train")))
+    seqs = [torch.tensor(p.ids) for p in prompts]
+    start = time.perf_counter()
+    with tqdm(total=len(seqs), desc="dense block updates", unit="prompt") as bar:
+        moments = block_moments(model, seqs, progress=lambda n: bar.update(1))
+    update = fit_skip_update(moments, args.rank, args.ridge)
+    seconds = round(time.perf_counter() - start, 1)
+    tokens = moments[0].n
+    print(f"fitted rank {args.rank} on {tokens} tokens in {seconds} s")
+    provenance = {
+        **base.provenance,
+        "skip_update": {
+            "command": "ftp-vllm " + " ".join(sys.argv[1:]),
+            "data": f"lambada train split in the chat template, {args.num_seqs} prompt(s) of "
+                    f"about each of {args.chat_lengths} tokens ({tokens} tokens)",
+            "rank": args.rank, "ridge": args.ridge, "seconds": seconds,
+        },
+    }
+    artifact = dataclasses.replace(base, skip_update=update, provenance=provenance)
     print(f"wrote {artifact.save(args.output)}")
 
 

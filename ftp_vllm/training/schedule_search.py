@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ftp_vllm.reference import routed_forward, token_sparsity
 from ftp_vllm.routing.router import TokenRouter
+from ftp_vllm.routing.skip_update import SkipUpdate
 from ftp_vllm.training.losses import distillation_loss
 
 Fitness = Callable[[Tensor], float]
@@ -75,6 +76,7 @@ def kl_fitness(
     penalty: float = 10.0,
     logits_at: Tensor | None = None,
     window: int | None = None,
+    skip_update: SkipUpdate | None = None,
 ) -> Fitness:
     """Fitness of a block schedule: -KL(dense || routed) - penalty * sparsity shortfall.
 
@@ -87,7 +89,7 @@ def kl_fitness(
     @torch.no_grad()
     def fitness(blocks: Tensor) -> float:
         out = routed_forward(model, ids, lengths, router, blocks, logits_at=logits_at,
-                             window=window)
+                             window=window, skip_update=skip_update)
         shortfall = max(0.0, target - token_sparsity(out.keep))
         return -float(distillation_loss(out.logits, teacher)) - penalty * shortfall
 
@@ -105,6 +107,7 @@ def calibrate_budget(
     max_block: float = 0.9,
     rounds: int = 3,
     window: int | None = None,
+    skip_update: SkipUpdate | None = None,
 ) -> Tensor:
     """Rescale a schedule until the router's realized sparsity meets `target`.
 
@@ -113,7 +116,8 @@ def calibrate_budget(
     """
     for _ in range(rounds):
         realized = token_sparsity(
-            routed_forward(model, ids, lengths, router, blocks, window=window).keep)
+            routed_forward(model, ids, lengths, router, blocks, window=window,
+                           skip_update=skip_update).keep)
         if realized <= 0 or abs(realized - target) < 0.005:
             break
         mean = min(float(blocks.mean()) * target / realized, max_block * 0.95)
