@@ -165,6 +165,8 @@ def _method_cell(r: dict[str, Any]) -> str:
                "random": "uniform"}
     if m in default and r.get("schedule") and r["schedule"] != default[m]:
         label += f" ({r['schedule']} schedule)"
+    if r.get("skip_update_rank"):
+        label += f" + skip update (rank {r['skip_update_rank']})"
     return label
 
 

@@ -111,3 +111,13 @@ def test_canonical_command_and_default_output():
         "ftp-vllm eval --method static --sparsity 0.3 --schedule uniform "
         "--tasks piqa,arc_easy --limit 50 --output results/static-s0.3-uniform-l50.json"
     )
+
+
+def test_a_method_with_a_skip_update_says_so():
+    """Rows of an artifact with a skip update (results carry its rank) are labelled apart
+    from the same method without one."""
+    from ftp_vllm.report import _method_cell
+
+    base = {"method": "window", "schedule": "searched"}
+    assert _method_cell(base) == "window"
+    assert _method_cell({**base, "skip_update_rank": 64}) == "window + skip update (rank 64)"

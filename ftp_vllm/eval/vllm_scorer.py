@@ -30,6 +30,7 @@ class VLLMScorer:
         from transformers import AutoConfig
         from vllm import LLM
 
+        from ftp_vllm.artifact import load_artifact
         from ftp_vllm.plugin.memory import llm_kv_kwargs
 
         self.routed = artifact is not None and sparsity > 0
@@ -37,7 +38,9 @@ class VLLMScorer:
         self.max_length = max_length
         self.stats = ScoreStats()
         config = AutoConfig.from_pretrained(model_dir)
-        self.shape = BlockShape.from_config(config)
+        update = load_artifact(artifact).skip_update if self.routed else None
+        self.shape = BlockShape.from_config(  # the engine applies the artifact's skip update
+            config, skip_rank=update.rank if update is not None else 0)
         self.num_layers = config.num_hidden_layers
         overrides = routing_overrides(artifact, sparsity) if self.routed else None
         self.llm = LLM(
