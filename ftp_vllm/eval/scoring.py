@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ftp_vllm.flops import BlockShape, prefill_flops
 from ftp_vllm.reference import routed_forward
 from ftp_vllm.routing.router import DenseRouter, TokenRouter
-from ftp_vllm.routing.skip_update import SkipUpdate
+from ftp_vllm.routing.skip_update import SkipUpdate, rank_of
 
 Request = tuple[list[int], list[int]]  # (context token ids, continuation token ids)
 
@@ -170,8 +170,7 @@ class ReferenceScorer:
         self.num_layers = model.config.num_hidden_layers
         self.dense_num_layers = dense_num_layers or self.num_layers
         self.skip_update = skip_update  # what skipped tokens gain (None: nothing)
-        self.shape = BlockShape.from_config(
-            model.config, skip_rank=skip_update.rank if skip_update is not None else 0)
+        self.shape = BlockShape.from_config(model.config, skip_rank=rank_of(skip_update))
         self.name = name
         self.window = window  # window routing (docs/ROUTER.md); None: whole prompts
         self.stats = ScoreStats()

@@ -32,6 +32,7 @@ class VLLMScorer:
 
         from ftp_vllm.artifact import load_artifact
         from ftp_vllm.plugin.memory import llm_kv_kwargs
+        from ftp_vllm.routing.skip_update import rank_of
 
         self.routed = artifact is not None and sparsity > 0
         self.sparsity = sparsity if self.routed else 0.0
@@ -39,8 +40,8 @@ class VLLMScorer:
         self.stats = ScoreStats()
         config = AutoConfig.from_pretrained(model_dir)
         update = load_artifact(artifact).skip_update if self.routed else None
-        self.shape = BlockShape.from_config(  # the engine applies the artifact's skip update
-            config, skip_rank=update.rank if update is not None else 0)
+        # the engine applies the artifact's skip update: its FLOPs count
+        self.shape = BlockShape.from_config(config, skip_rank=rank_of(update))
         self.num_layers = config.num_hidden_layers
         overrides = routing_overrides(artifact, sparsity) if self.routed else None
         self.llm = LLM(

@@ -40,7 +40,7 @@ from ftp_vllm.plugin.vllm_internals import (
     write_kv,
     writes_kv_in_forward,
 )
-from ftp_vllm.routing.skip_update import SkipUpdate
+from ftp_vllm.routing.skip_update import SkipUpdate, rank_of
 
 FINAL_NORM = "model.norm.weight"
 
@@ -175,12 +175,12 @@ class RoutedModelMixin:
             schedule=settings.artifact.schedule,
             default_sparsity=settings.sparsity,
             num_layers=cfg.num_hidden_layers,
-            shape=BlockShape.from_config(
-                cfg, skip_rank=skip_update.rank if skip_update is not None else 0),
+            shape=BlockShape.from_config(cfg, skip_rank=rank_of(skip_update)),
             vllm_config=vllm_config,
             tp_size=get_tensor_model_parallel_world_size(),
             backend_name=backend.get_name(),
             window=settings.artifact.window,
+            skipped_rows=skip_update is not None,
         )
         activate(runtime, backend.get_builder_cls())
 

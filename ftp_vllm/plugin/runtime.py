@@ -94,7 +94,9 @@ class AttnPart:
 @dataclass
 class LayerRoute:
     kept_idx: Tensor  # [K] long, flattened indices of tokens that run the block
-    skipped_idx: Tensor  # [S] long, flattened indices of the tokens that skip it
+    # [S] long, flattened indices of the tokens that skip it (None: the model has no skip
+    # update, so nothing reads them)
+    skipped_idx: Tensor | None
     parts: list[AttnPart]  # attention calls, in kept-token order
 
 
@@ -140,8 +142,10 @@ class RoutingRuntime:
         tp_size: int,
         backend_name: str = "",
         window: int | None = None,
+        skipped_rows: bool = False,
     ):
         self.router = router
+        self.skipped_rows = skipped_rows  # routes carry their skipped rows (a skip update)
         self.window = window  # window routing over aligned windows; None: exact
         # a window may be computed over several steps when decisions read positions only
         self.split_windows = window is not None and router.position_only
@@ -395,7 +399,8 @@ class RoutingRuntime:
         runs = kept_runs(keep_all, plan.tok_req, plan.tok_pos)
         device = plan.step_metadata.query_start_loc.device
         kept_t = torch.from_numpy(runs.kept).to(device)
-        skipped_t = torch.from_numpy(np.flatnonzero(~keep_all)).to(device)
+        skipped_t = (torch.from_numpy(np.flatnonzero(~keep_all)).to(device)
+                     if self.skipped_rows else None)
         parts = []
         for lo, hi in split_runs(runs.num_runs, self.policy().max_requests):
             start = int(runs.run_start[lo])

@@ -67,3 +67,8 @@ class SkipUpdate:
         if missing:
             raise ValueError(f"missing tensors {sorted(missing)}")
         return cls(state["down"].float(), state["up"].float(), state["bias"].float())
+
+
+def rank_of(update: SkipUpdate | None) -> int:
+    """The update's rank, 0 for none (``flops.BlockShape.skip_rank``)."""
+    return 0 if update is None else update.rank

@@ -253,12 +253,11 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
     print(f"fitted rank {args.rank} on {tokens} tokens in {seconds} s")
     provenance = {
         **base.provenance,
-        "skip_update": {
-            "command": "ftp-vllm " + " ".join(sys.argv[1:]),
-            "data": f"lambada train split in the chat template, {args.num_seqs} prompt(s) of "
-                    f"about each of {args.chat_lengths} tokens ({tokens} tokens)",
-            "rank": args.rank, "ridge": args.ridge, "seconds": seconds,
-        },
+        "skip_update": _provenance(
+            args, model_path,
+            data=f"lambada train split in the chat template, {args.num_seqs} prompt(s) of "
+                 f"about each of {args.chat_lengths} tokens ({tokens} tokens)",
+            rank=args.rank, ridge=args.ridge, seconds=seconds),
     }
     artifact = dataclasses.replace(base, skip_update=update, provenance=provenance)
     print(f"wrote {artifact.save(args.output)}")
