@@ -27,6 +27,7 @@ from ftp_vllm.reference import routed_forward
 from ftp_vllm.routing.router import MaskRouter, StaticRouter
 from ftp_vllm.routing.schedule import SparsitySchedule
 from ftp_vllm.routing.skip_update import SkipUpdate
+from ftp_vllm.training.skip_distill import DistillConfig, distill_skip_update, last_token_kl
 from ftp_vllm.training.skip_fit import _Moments, block_moments, fit_skip_update
 from tests.tiny_models import random_skip_update, tiny_model
 
@@ -130,6 +131,44 @@ def test_fit_on_the_model_explains_part_of_each_blocks_update(model):
         assert (update.delta(i, x) - d).norm() < d.norm(), i
 
 
+def test_distillation_lowers_the_routed_models_kl_below_the_fit(model):
+    """Trained from the fit on the routed output's KL, with the artifact's own decisions, a
+    dense tail like a reply and the schedule's targets, the update leaves a fraction of the
+    fit's KL on its prompts; the fit beats no update."""
+    art = _artifact(model, None)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 128, (48,), generator=gen) for _ in range(6)]
+    fitted = fit_skip_update(block_moments(model, prompts), rank=8)
+    tuned, stats = distill_skip_update(model, fitted, prompts, art.router, art.schedule,
+                                       art.window, DistillConfig(steps=60, lr=3e-4, tail=8),
+                                       progress=False)
+    assert tuned.rank == 8 and len(stats.kl) == 60
+    assert torch.equal(tuned.down, tuned.down.to(torch.bfloat16).float())  # stored as saved
+
+    def reply_kl(update):  # the objective: 40 routed prompt tokens, 8 dense, KL at the last 9
+        at, kls = torch.arange(39, 48), []
+        for ids in prompts:
+            dense = routed_forward(model, ids, logits_at=at).logits
+            routed = routed_forward(model, ids, [48], art.router, art.schedule.blocks(0.3),
+                                    routed_lengths=[40], logits_at=at, window=art.window,
+                                    skip_update=update).logits
+            kls.append(float(torch.nn.functional.kl_div(
+                routed.log_softmax(-1), dense.log_softmax(-1), log_target=True,
+                reduction="batchmean")))
+        return sum(kls) / len(kls)
+
+    with torch.no_grad():
+        none, fit, tuned_kl = reply_kl(None), reply_kl(fitted), reply_kl(tuned)
+    assert tuned_kl < 0.5 * fit < 0.5 * none, (none, fit, tuned_kl)
+    with torch.no_grad():
+        whole = [last_token_kl(model, prompts, art.router, {"0.3": art.schedule.blocks(0.3)},
+                               art.window, u)["0.3"] for u in (fitted, tuned)]
+    assert whole[1] < whole[0], whole  # whole routed prompts, read at the last token
+    with pytest.raises(ValueError, match="longer than the dense tail"):
+        distill_skip_update(model, fitted, [torch.arange(9)], art.router, art.schedule,
+                            art.window, DistillConfig(steps=1, tail=8), progress=False)
+
+
 def test_artifact_round_trip_keeps_the_update_in_bfloat16(tmp_path, model):
     update = _update(model)
     _artifact(model, update).save(tmp_path / "a")
@@ -204,7 +243,8 @@ def test_skip_update_command(tmp_path):
     out = tmp_path / "with-update"
     res = subprocess.run(
         [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT),
-         "--rank", "8", "--num-seqs", "1", "--chat-lengths", "128", "--output", str(out)],
+         "--rank", "8", "--num-seqs", "1", "--chat-lengths", "128", "--distill-steps", "3",
+         "--tune-prompts", "1", "--output", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "fitted rank 8 on" in res.stdout
@@ -213,9 +253,19 @@ def test_skip_update_command(tmp_path):
     torch.testing.assert_close(art.schedule.blocks(0.3), base.schedule.blocks(0.3))
     info = art.provenance["skip_update"]
     assert "--rank 8" in info["command"] and "train split" in info["data"]
+    assert info["distillation"]["config"]["steps"] == 3
+    assert set(info["tune_kl_fitted"]) == set(info["distillation"]["tune_kl_after"]) == {
+        f"{t:g}" for t in base.schedule.targets}
+    assert "first-reply-token KL on tune prompts" in res.stdout
     bad = subprocess.run(
         [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT),
          "--rank", "0", "--output", str(tmp_path / "bad")],
         capture_output=True, text=True, timeout=600, check=False)
     assert bad.returncode != 0 and "--rank must lie in [1, 576]" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    bad = subprocess.run(
+        [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT),
+         "--distill-steps", "-1", "--output", str(tmp_path / "bad")],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert bad.returncode != 0 and "--distill-steps must be >= 0" in bad.stderr
     assert not (tmp_path / "bad").exists()

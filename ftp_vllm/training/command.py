@@ -80,6 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="calibration prompts: train-split passages in the chat template, "
                     "--num-seqs of about each of these lengths")
     up.add_argument("--num-seqs", type=int, default=24, help="prompts per length")
+    up.add_argument("--distill-steps", type=int, default=300,
+                    help="then train the fitted update on the routed model's output KL for this "
+                    "many steps, one calibration prompt each (0: the fit alone)")
+    up.add_argument("--distill-lr", type=float, default=3e-4, help="Adam learning rate")
+    up.add_argument("--tune-prompts", type=int, default=4,
+                    help="tune-split prompts per length on which the first-reply-token KL at "
+                    "each target is printed and recorded, before and after distillation")
     _common(up)
     up.set_defaults(func=_cmd_skip_update)
 
@@ -232,6 +239,12 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
     from ftp_vllm.artifact import load_artifact
     from ftp_vllm.data.calibration import calibration_passages
     from ftp_vllm.eval.heldout import build_prompts
+    from ftp_vllm.training.skip_distill import (
+        DistillConfig,
+        config_dict,
+        distill_skip_update,
+        last_token_kl,
+    )
     from ftp_vllm.training.skip_fit import block_moments, fit_skip_update
 
     model, tokenizer, fingerprint, model_path = _setup(args)
@@ -241,6 +254,8 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
     if not 1 <= args.rank <= hidden:
         raise ValueError(f"--rank must lie in [1, {hidden}] (the model's hidden size), "
                          f"got {args.rank}")
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill-steps must be >= 0, got {args.distill_steps}")
     prompts = build_prompts(tokenizer, args.chat_lengths, args.num_seqs, args.seed,
                             passages=tuple(calibration_passages("train")))
     seqs = [torch.tensor(p.ids) for p in prompts]
@@ -251,13 +266,37 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
     seconds = round(time.perf_counter() - start, 1)
     tokens = moments[0].n
     print(f"fitted rank {args.rank} on {tokens} tokens in {seconds} s")
+    tune = [torch.tensor(p.ids) for p in build_prompts(
+        tokenizer, args.chat_lengths, args.tune_prompts, args.seed,
+        passages=tuple(calibration_passages("tune")))] if args.tune_prompts > 0 else []
+
+    targets = {f"{t:g}": base.schedule.blocks(t) for t in base.schedule.targets}
+
+    def tune_kl(candidate) -> dict[str, float]:
+        if not tune:
+            return {}
+        kls = last_token_kl(model, tune, base.router, targets, base.window, candidate)
+        print("first-reply-token KL on tune prompts, by target: "
+              + ", ".join(f"{t}: {v:.4f}" for t, v in kls.items()), flush=True)
+        return {t: round(v, 4) for t, v in kls.items()}
+
+    fitted_kl = tune_kl(update)
+    distill = None
+    if args.distill_steps:
+        config = DistillConfig(steps=args.distill_steps, lr=args.distill_lr, seed=args.seed)
+        update, stats = distill_skip_update(model, update, seqs, base.router, base.schedule,
+                                            base.window, config)
+        print(f"distilled in {stats.seconds:.0f} s: {stats.summary()}")
+        distill = {"config": config_dict(config), "final": stats.summary(),
+                   "tune_kl_after": tune_kl(update), "seconds": round(stats.seconds, 1)}
     provenance = {
         **base.provenance,
         "skip_update": _provenance(
             args, model_path,
             data=f"lambada train split in the chat template, {args.num_seqs} prompt(s) of "
                  f"about each of {args.chat_lengths} tokens ({tokens} tokens)",
-            rank=args.rank, ridge=args.ridge, seconds=seconds),
+            rank=args.rank, ridge=args.ridge, seconds=seconds,
+            tune_kl_fitted=fitted_kl, distillation=distill),
     }
     artifact = dataclasses.replace(base, skip_update=update, provenance=provenance)
     print(f"wrote {artifact.save(args.output)}")
