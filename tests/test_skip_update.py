@@ -257,15 +257,11 @@ def test_skip_update_command(tmp_path):
     assert set(info["tune_kl_fitted"]) == set(info["distillation"]["tune_kl_after"]) == {
         f"{t:g}" for t in base.schedule.targets}
     assert "first-reply-token KL on tune prompts" in res.stdout
-    bad = subprocess.run(
-        [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT),
-         "--rank", "0", "--output", str(tmp_path / "bad")],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert bad.returncode != 0 and "--rank must lie in [1, 576]" in bad.stderr
-    assert not (tmp_path / "bad").exists()
-    bad = subprocess.run(
-        [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT),
-         "--distill-steps", "-1", "--output", str(tmp_path / "bad")],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert bad.returncode != 0 and "--distill-steps must be >= 0" in bad.stderr
-    assert not (tmp_path / "bad").exists()
+    for flags, message in ((["--rank", "0"], "--rank must lie in [1, 576]"),
+                           (["--distill-steps", "-1"], "--distill-steps must be >= 0")):
+        bad = subprocess.run(
+            [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT), *flags,
+             "--output", str(tmp_path / "bad")],
+            capture_output=True, text=True, timeout=600, check=False)
+        assert bad.returncode != 0 and message in bad.stderr, flags
+        assert not (tmp_path / "bad").exists()
