@@ -239,12 +239,7 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
     from ftp_vllm.artifact import load_artifact
     from ftp_vllm.data.calibration import calibration_passages
     from ftp_vllm.eval.heldout import build_prompts
-    from ftp_vllm.training.skip_distill import (
-        DistillConfig,
-        config_dict,
-        distill_skip_update,
-        last_token_kl,
-    )
+    from ftp_vllm.training.skip_distill import DistillConfig, distill_skip_update, last_token_kl
     from ftp_vllm.training.skip_fit import block_moments, fit_skip_update
 
     model, tokenizer, fingerprint, model_path = _setup(args)
@@ -287,7 +282,7 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
         update, stats = distill_skip_update(model, update, seqs, base.router, base.schedule,
                                             base.window, config)
         print(f"distilled in {stats.seconds:.0f} s: {stats.summary()}")
-        distill = {"config": config_dict(config), "final": stats.summary(),
+        distill = {"config": dataclasses.asdict(config), "final": stats.summary(),
                    "tune_kl_after": tune_kl(update), "seconds": round(stats.seconds, 1)}
     provenance = {
         **base.provenance,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -125,7 +125,3 @@ def last_token_kl(model: torch.nn.Module, sequences: Sequence[Tensor], router: T
                                     window=window, skip_update=update).logits
             totals[name] += float(distillation_loss(routed, dense))
     return {name: total / len(sequences) for name, total in totals.items()}
-
-
-def config_dict(config: DistillConfig) -> dict:
-    return asdict(config)
