@@ -257,7 +257,9 @@ def test_skip_update_command(tmp_path):
         f"{t:g}" for t in base.schedule.targets}
     assert "first-reply-token KL on tune prompts" in res.stdout
     for flags, message in ((["--rank", "0"], "--rank must lie in [1, 576]"),
-                           (["--distill-steps", "-1"], "--distill-steps must be >= 0")):
+                           (["--distill-steps", "-1"], "--distill-steps must be >= 0"),
+                           (["--distill-lr", "0"], "--distill-lr must be > 0"),
+                           (["--tune-prompts", "-1"], "--tune-prompts must be >= 0")):
         bad = subprocess.run(
             [FTP_VLLM, "skip-update", "--router", str(DEFAULT_ARTIFACT), *flags,
              "--output", str(tmp_path / "bad")],

@@ -251,6 +251,10 @@ def _cmd_skip_update(args: argparse.Namespace) -> None:
                          f"got {args.rank}")
     if args.distill_steps < 0:
         raise ValueError(f"--distill-steps must be >= 0, got {args.distill_steps}")
+    if not args.distill_lr > 0:
+        raise ValueError(f"--distill-lr must be > 0, got {args.distill_lr}")
+    if args.tune_prompts < 0:
+        raise ValueError(f"--tune-prompts must be >= 0, got {args.tune_prompts}")
     prompts = build_prompts(tokenizer, args.chat_lengths, args.num_seqs, args.seed,
                             passages=tuple(calibration_passages("train")))
     seqs = [torch.tensor(p.ids) for p in prompts]
