@@ -6,9 +6,11 @@ Both engines stay up for the whole run and are timed in alternating rounds (the 
 every round), so drift of the machine hits both alike; each point reports the median over
 rounds of the per-round ratio and its spread (min-max). Every timed batch uses fresh random
 prompts, so no prefix-cache hit fakes a speedup. One routed engine serves every sparsity
-through the per-request target. Prefill is timed as generation of one token; decode as the
-extra time of `--decode-tokens` tokens over that (64 by default: with fewer, the two prefills'
-own spread is a large part of the difference). Beside each measured ratio: the FLOP-model
+through the per-request target. Prefill is timed as generation of one token; decode over
+the engine's steps after every request has its first token (`--decode-tokens` more each, 64 by
+default), so no prefill is in it (timed as the difference of two generations, decode carried
+both prefills' spread).
+Beside each measured ratio: the FLOP-model
 ideal speedup of the same requests (from the plugin's statistics). Both engines run on the
 allocator `ftp-vllm serve` gives its engines (tcmalloc on CPU, ``ftp_vllm.allocator``).
 
@@ -85,6 +87,30 @@ def _time(llm: Any, prompts: list, params: Any) -> float:
     return time.perf_counter() - t0
 
 
+def _decode_tok_s(llm: Any, prompts: list, params: Any) -> float:
+    """Decode throughput: the tokens generated after every request has its first one, over
+    the time from then to the last step (the engine's own step loop, so prefill stays out)."""
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"ftp-bench-decode-{time.monotonic_ns()}-{i}", prompt, params)
+    counts: dict[str, int] = {}
+    start = end = 0.0
+    base = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:  # cumulative outputs: each holds the request's tokens so far
+            counts[out.request_id] = len(out.outputs[0].token_ids)
+        if not start and len(counts) == len(prompts) and min(counts.values()) > 0:
+            start, base = now, sum(counts.values())
+        elif start and outs:
+            end = now
+    tokens = sum(counts.values()) - base
+    if not start or end <= start or tokens <= 0:
+        raise RuntimeError("the decode measurement saw no decode step")
+    return tokens / (end - start)
+
+
 def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None):
     """An offline engine at vLLM's defaults (prefix caching, chunked prefill, compiled)."""
     from vllm import LLM
@@ -139,9 +165,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return _time(llm, random_prompts(args.prompts, n, vocab, seed=next(seeds)), p)
 
     def decode_tok_s(llm: Any, s: float | None) -> float:
-        t1 = timed(llm, decode_len, params(s))
-        tn = timed(llm, decode_len, params(s, 1 + args.decode_tokens))
-        return args.prompts * args.decode_tokens / max(tn - t1, 1e-9)
+        prompts = random_prompts(args.prompts, decode_len, vocab, seed=next(seeds))
+        return _decode_tok_s(llm, prompts, params(s, 1 + args.decode_tokens))
 
     from ftp_vllm.allocator import preload_for_engines
 

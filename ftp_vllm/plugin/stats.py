@@ -32,6 +32,7 @@ class RoutingStats:
 
     def reset(self) -> None:
         self.steps = 0  # forward steps seen (with attention metadata)
+        self.prompt_steps = 0  # steps computing prompt tokens (the others are never planned)
         self.routed_steps = 0  # steps with at least one routed prompt
         self.routed_requests = 0
         self.routed_tokens = 0  # prompt tokens that went through the router
@@ -134,6 +135,7 @@ class RoutingStats:
     def snapshot(self, drain_requests: bool = False) -> dict[str, Any]:
         out = {
             "steps": self.steps,
+            "prompt_steps": self.prompt_steps,
             "routed_steps": self.routed_steps,
             "routed_requests": self.routed_requests,
             "routed_tokens": self.routed_tokens,

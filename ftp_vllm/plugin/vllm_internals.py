@@ -149,6 +149,14 @@ def batch_requests(runner: Any, known: Container[str] = ()) -> BatchRequests:
     return BatchRequests(req_ids, batch.num_prompt_tokens[:n].copy(), extra, wants)
 
 
+def prompt_in_batch(runner: Any) -> bool:
+    """Whether the step computes prompt tokens of any request (vLLM's own ``is_prefilling``
+    test: tokens computed before the step fall short of the prompt)."""
+    batch = runner.input_batch
+    n = batch.num_reqs
+    return bool((batch.num_computed_tokens_cpu[:n] < batch.num_prompt_tokens[:n]).any())
+
+
 def skip_compiled() -> None:
     """Run this step's model forward eager: vLLM's compile decorator checks the forward
     context's ``skip_compiled`` (set for encoder steps of encoder-decoder models) on every
