@@ -3,7 +3,8 @@
 Plain vLLM runs at its defaults (compiled, prefix caching and chunked prefill on); the routed
 engine as `ftp-vllm serve` runs it (the shipped artifact's routing mode and vLLM's defaults).
 Both engines stay up for the whole run and are timed in alternating rounds (the order flips
-every round), so drift of the machine hits both alike; each point reports the median over
+every round, and each waits until the other's worker stops polling), so drift of the machine
+hits both alike; each point reports the median over
 rounds of the per-round ratio and its spread (min-max). Every timed batch uses fresh random
 prompts, so no prefix-cache hit fakes a speedup. One routed engine serves every sparsity
 through the per-request target. Prefill is timed as generation of one token; decode over
@@ -31,6 +32,10 @@ from typing import Any
 from ftp_vllm.bench.results import emit, latest
 
 DEFAULT_SPARSITIES = (0.0, 0.22, 0.3, 0.4)
+# vLLM's workers busy-poll their step queue for 1 s after their last step (shm_broadcast's
+# SpinCondition), and on CPU both engines' workers are bound to the same cores: the engine
+# timed next waits this long after the other one's last step so it does not share them.
+SETTLE_S = 1.5
 DEFAULT_LENGTHS = (512, 1024, 2048)
 KIND = "bench-prefill"  # results files of this kind feed docs/RESULTS.md
 
@@ -211,6 +216,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             order = (run_vanilla, run_routed) if r % 2 == 0 else (run_routed, run_vanilla)
             t0 = time.perf_counter()
             for run in order:
+                time.sleep(SETTLE_S)
                 run()
             print(f"round {r + 1}/{args.rounds} ({'vanilla' if r % 2 == 0 else 'routed'} "
                   f"first): {time.perf_counter() - t0:.0f} s", file=sys.stderr)
