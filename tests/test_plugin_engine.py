@@ -18,6 +18,7 @@ pytest.importorskip("vllm")
 from ftp_vllm.artifact import folder_fingerprint  # noqa: E402
 from ftp_vllm.plugin import routing_overrides  # noqa: E402
 from tests.engine_helpers import (  # noqa: E402
+    MAX_NEW,
     check_against_reference,
     engine_kwargs,
     masks_by_request,
@@ -190,6 +191,27 @@ def test_routing_stats(llm, prompts):
     assert len(stats["requests"]) == 3
     for rec in stats["requests"]:
         assert 0.0 <= rec["token_sparsity"] < 1.0 and rec["flop_speedup"] >= 1.0
+
+
+def test_decode_timing_counts_only_decode_steps(llm, prompts):
+    """`ftp-vllm bench prefill` times decode over the engine's steps after every request's
+    first token: it counts the tokens after that, and those steps are never planned."""
+    from ftp_vllm.bench.prefill import decode_timing
+
+    batch = [{"prompt_token_ids": p} for p in prompts[:3]]
+    sampling = params(sparsity=SPARSITY, prompt_logprobs=None)
+    llm.collective_rpc("ftp_routing_stats", kwargs={"reset": True})
+    tokens, seconds = decode_timing(llm, batch[:1], sampling)
+    stats = llm.collective_rpc("ftp_routing_stats")[0]
+    assert tokens == MAX_NEW - 1 and seconds > 0
+    assert stats["routed_requests"] == 1
+    assert stats["steps"] - stats["prompt_steps"] == MAX_NEW - 1
+    # prompts whose prefills end in different steps: the clock starts at the last one's
+    tokens, seconds = decode_timing(llm, batch, sampling)
+    assert MAX_NEW - 1 <= tokens <= 3 * (MAX_NEW - 1) and seconds > 0
+    with pytest.raises(RuntimeError, match="no decode step"):
+        decode_timing(llm, batch[:1], params(sparsity=SPARSITY, prompt_logprobs=None,
+                                             max_tokens=1))
 
 
 def expected_builds(mask: torch.Tensor, limit: int, reusable: bool) -> int:

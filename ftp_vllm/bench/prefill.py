@@ -4,16 +4,15 @@ Plain vLLM runs at its defaults (compiled, prefix caching and chunked prefill on
 engine as `ftp-vllm serve` runs it (the shipped artifact's routing mode and vLLM's defaults).
 Both engines stay up for the whole run and are timed in alternating rounds (the order flips
 every round, and each waits until the other's worker stops polling), so drift of the machine
-hits both alike; each point reports the median over
-rounds of the per-round ratio and its spread (min-max). Every timed batch uses fresh random
-prompts, so no prefix-cache hit fakes a speedup. One routed engine serves every sparsity
-through the per-request target. Prefill is timed as generation of one token; decode over
-the engine's steps after every request has its first token (`--decode-tokens` more each, 64 by
-default), so no prefill is in it (timed as the difference of two generations, decode carried
-both prefills' spread).
-Beside each measured ratio: the FLOP-model
-ideal speedup of the same requests (from the plugin's statistics). Both engines run on the
-allocator `ftp-vllm serve` gives its engines (tcmalloc on CPU, ``ftp_vllm.allocator``).
+hits both alike; each point reports the median over rounds of the per-round ratio and its
+spread (min-max). Every timed batch uses fresh random prompts, so no prefix-cache hit fakes a
+speedup. One routed engine serves every sparsity through the per-request target. Prefill is
+timed as generation of one token; decode over the engine's steps after every request has its
+first token (`--decode-tokens` more each, 64 by default), so no prefill is in it (timed as the
+difference of two generations, decode carried both prefills' spread). Beside each measured
+ratio: the FLOP-model ideal speedup of the same requests (from the plugin's statistics). Both
+engines run on the allocator `ftp-vllm serve` gives its engines (tcmalloc on CPU,
+``ftp_vllm.allocator``).
 
     ftp-vllm bench prefill --lengths 512 1024 2048 --rounds 3
 """
@@ -92,9 +91,10 @@ def _time(llm: Any, prompts: list, params: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _decode_tok_s(llm: Any, prompts: list, params: Any) -> float:
-    """Decode throughput: the tokens generated after every request has its first one, over
-    the time from then to the last step (the engine's own step loop, so prefill stays out)."""
+def decode_timing(llm: Any, prompts: list, params: Any) -> tuple[int, float]:
+    """(tokens, seconds) of decode: the tokens generated after every request has its first
+    one, and the time from then to the last step (the engine's own step loop, so prefill
+    stays out)."""
     engine = llm.llm_engine
     for i, prompt in enumerate(prompts):
         engine.add_request(f"ftp-bench-decode-{time.monotonic_ns()}-{i}", prompt, params)
@@ -112,8 +112,9 @@ def _decode_tok_s(llm: Any, prompts: list, params: Any) -> float:
             end = now
     tokens = sum(counts.values()) - base
     if not start or end <= start or tokens <= 0:
-        raise RuntimeError("the decode measurement saw no decode step")
-    return tokens / (end - start)
+        raise RuntimeError("the decode measurement saw no decode step (max_tokens must be "
+                           "at least 2)")
+    return tokens, end - start
 
 
 def _engine(model_dir: Path, max_len: int, dtype: str, hf_overrides: dict | None):
@@ -171,7 +172,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     def decode_tok_s(llm: Any, s: float | None) -> float:
         prompts = random_prompts(args.prompts, decode_len, vocab, seed=next(seeds))
-        return _decode_tok_s(llm, prompts, params(s, 1 + args.decode_tokens))
+        tokens, seconds = decode_timing(llm, prompts, params(s, 1 + args.decode_tokens))
+        return tokens / seconds
 
     from ftp_vllm.allocator import preload_for_engines
 
