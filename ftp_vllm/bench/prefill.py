@@ -8,8 +8,8 @@ hits both alike; each point reports the median over rounds of the per-round rati
 spread (min-max). Every timed batch uses fresh random prompts, so no prefix-cache hit fakes a
 speedup. One routed engine serves every sparsity through the per-request target. Prefill is
 timed as generation of one token; decode over the engine's steps after every request has its
-first token (`--decode-tokens` more each, 64 by default), so no prefill is in it (timed as the
-difference of two generations, decode carried both prefills' spread). Beside each measured
+first token (`--decode-tokens` more each, 64 by default), so no prefill is in it (the
+difference of two timed generations would carry both prefills' spread). Beside each measured
 ratio: the FLOP-model ideal speedup of the same requests (from the plugin's statistics). Both
 engines run on the allocator `ftp-vllm serve` gives its engines (tcmalloc on CPU,
 ``ftp_vllm.allocator``).
@@ -31,12 +31,12 @@ from typing import Any
 from ftp_vllm.bench.results import emit, latest
 
 DEFAULT_SPARSITIES = (0.0, 0.22, 0.3, 0.4)
+DEFAULT_LENGTHS = (512, 1024, 2048)
+KIND = "bench-prefill"  # results files of this kind feed docs/RESULTS.md
 # vLLM's workers busy-poll their step queue for 1 s after their last step (shm_broadcast's
 # SpinCondition), and on CPU both engines' workers are bound to the same cores: the engine
 # timed next waits this long after the other one's last step so it does not share them.
 SETTLE_S = 1.5
-DEFAULT_LENGTHS = (512, 1024, 2048)
-KIND = "bench-prefill"  # results files of this kind feed docs/RESULTS.md
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
