@@ -55,3 +55,29 @@ def test_our_wrappers_do_not_hide_the_originals():
     entry = next(c for c in COPIED if c.qualname == "GPUModelRunner._prepare_inputs")
     assert entry.current_sha256() == entry.sha256
     assert Builder().build(0, "m") == "m"
+
+
+def _frame_slots(code) -> int:
+    """What a call of `code` takes on CPython's frame stack, in slots (header aside)."""
+    return code.co_nlocals + len(code.co_cellvars) + len(code.co_freevars) + code.co_stacksize
+
+
+@pytest.mark.parametrize("name", ["Llama", "Qwen2"])
+def test_routed_forward_keeps_vllms_stack_depth(name):
+    """A decode step runs the routed model's forward in place of vLLM's: a frame of the same
+    size and no call into vLLM's (``super().forward`` would add a frame and a ``__class__``
+    cell), so every call below it sits where it does in plain vLLM. CPython 3.11 frees and
+    re-maps a stack chunk each time a call that opened one returns: one extra frame here cost
+    the served decode step 60 mmap/munmap pairs and about 5% (docs/PERFORMANCE.md)."""
+    import importlib
+
+    from ftp_vllm.plugin import models
+
+    module = importlib.import_module(f"vllm.model_executor.models.{name.lower()}")
+    routed = getattr(models, f"FTP{name}ForCausalLM")
+    base = getattr(module, f"{name}ForCausalLM")
+    assert routed.forward is models.RoutedModelMixin.forward
+    ours, theirs = routed.forward.__code__, base.forward.__code__
+    assert _frame_slots(ours) == _frame_slots(theirs)
+    assert "super" not in ours.co_names and not ours.co_freevars
+    assert "model" in ours.co_names  # calls the inner model itself, as vLLM's forward does
