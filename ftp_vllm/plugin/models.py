@@ -30,7 +30,7 @@ from vllm.model_executor.models.utils import PPMissingLayer, extract_layer_index
 
 from ftp_vllm.artifact import model_fingerprint
 from ftp_vllm.flops import BlockShape
-from ftp_vllm.plugin.dense_parts import DenseParts, dense_parts
+from ftp_vllm.plugin.dense_parts import DenseParts, dense_parts, row_bucket
 from ftp_vllm.plugin.runtime import RoutingRuntime, activate, get_runtime
 from ftp_vllm.plugin.settings import routing_settings
 from ftp_vllm.plugin.vllm_internals import (
@@ -94,18 +94,20 @@ class RoutedLayerMixin:
         num_kept = idx.numel()
         if num_kept == 0:  # nothing of this step runs the block: every row passes through
             return self._ftp_skipped(torch.zeros_like(residual), normed, route), residual
+        rows = route.kept_rows  # idx padded to the row bucket (dense_parts.row_bucket)
         query = q.view(num_tokens, attn.num_heads, attn.head_size).index_select(0, idx)
         attn_out = torch.empty(
-            (num_kept, attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device
+            (rows.numel(), attn.num_heads, attn.head_size_v), dtype=q.dtype, device=q.device
         )
+        attn_out[num_kept:].zero_()  # padding rows: never attended, never scattered back
         kept_key = key.index_select(0, idx)
         kept_value = value.index_select(0, idx)
         for part in route.parts:  # one call per group of virtual requests the backend takes
             a, b = part.start, part.end
             attend(attn, query[a:b], kept_key[a:b], kept_value[a:b],
                    runtime.part_metadata(plan, part), out=attn_out[a:b])
-        hidden_out, residual = parts.kept_outputs(self, attn_out.view(num_kept, -1), residual,
-                                                  idx)
+        hidden_out, residual = parts.kept_outputs(self, attn_out.view(rows.numel(), -1),
+                                                  residual, rows, idx)
         return self._ftp_skipped(hidden_out, normed, route), residual
 
     def _ftp_skipped(self, hidden_out, normed, route):
@@ -114,8 +116,8 @@ class RoutedLayerMixin:
         idx = route.skipped_idx
         if update is None or idx.numel() == 0:
             return hidden_out
-        return hidden_out.index_copy_(
-            0, idx, update.delta(self.ftp_layer, normed.index_select(0, idx)))
+        delta = update.delta(self.ftp_layer, normed.index_select(0, route.skipped_rows))
+        return hidden_out.index_copy_(0, idx, delta[: idx.numel()])
 
 
 class FTPLlamaDecoderLayer(RoutedLayerMixin, LlamaDecoderLayer):
@@ -189,6 +191,7 @@ class RoutedModelMixin:
             backend_name=backend.get_name(),
             window=settings.artifact.window,
             skipped_rows=skip_update is not None,
+            row_bucket=row_bucket(device.type),
         )
         activate(runtime, backend.get_builder_cls())
 

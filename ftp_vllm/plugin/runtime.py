@@ -95,9 +95,11 @@ class AttnPart:
 @dataclass
 class LayerRoute:
     kept_idx: Tensor  # [K] long, flattened indices of tokens that run the block
-    # [S] long, flattened indices of the tokens that skip it (None: the model has no skip
-    # update, so nothing reads them)
+    kept_rows: Tensor  # kept_idx padded to the row bucket: the rows its GEMMs run on
+    # [S] long, flattened indices of the tokens that skip it, and the rows of their skip
+    # update (None: the model has no skip update, so nothing reads them)
     skipped_idx: Tensor | None
+    skipped_rows: Tensor | None
     parts: list[AttnPart]  # attention calls, in kept-token order
 
 
@@ -144,9 +146,11 @@ class RoutingRuntime:
         backend_name: str = "",
         window: int | None = None,
         skipped_rows: bool = False,
+        row_bucket: int = 1,
     ):
         self.router = router
         self.skipped_rows = skipped_rows  # routes carry their skipped rows (a skip update)
+        self.row_bucket = row_bucket  # GEMM rows padded to a multiple of this (dense_parts)
         self.window = window  # window routing over aligned windows; None: exact
         # a window may be computed over several steps when decisions read positions only
         self.split_windows = window is not None and router.position_only
@@ -407,9 +411,11 @@ class RoutingRuntime:
         groups of at most the backend's limit (``split_runs``)."""
         runs = kept_runs(keep_all, plan.tok_req, plan.tok_pos)
         device = plan.step_metadata.query_start_loc.device
-        kept_t = torch.from_numpy(runs.kept).to(device)
-        skipped_t = (torch.from_numpy(np.flatnonzero(~keep_all)).to(device)
-                     if self.skipped_rows else None)
+        kept_t, kept_rows = padded_rows(runs.kept, self.row_bucket, device)
+        skipped_t = skipped_rows = None
+        if self.skipped_rows:
+            skipped_t, skipped_rows = padded_rows(np.flatnonzero(~keep_all), self.row_bucket,
+                                                  device)
         parts = []
         for lo, hi in split_runs(runs.num_runs, self.policy().max_requests):
             start = int(runs.run_start[lo])
@@ -419,7 +425,19 @@ class RoutingRuntime:
                 runs.run_seq[lo:hi], kept_t[start:end],
             )
             parts.append(AttnPart(start=start, end=end, common_metadata=metadata, key=(key, lo)))
-        return LayerRoute(kept_idx=kept_t, skipped_idx=skipped_t, parts=parts)
+        return LayerRoute(kept_idx=kept_t, kept_rows=kept_rows, skipped_idx=skipped_t,
+                          skipped_rows=skipped_rows, parts=parts)
+
+
+def padded_rows(idx: np.ndarray, bucket: int, device: torch.device | str
+                ) -> tuple[Tensor, Tensor]:
+    """(`idx`, `idx` padded to a multiple of `bucket` rows by repeating its last index), on
+    `device`; the first is a view of the second (``dense_parts.row_bucket``)."""
+    pad = -len(idx) % bucket if len(idx) else 0
+    if pad:
+        idx = np.concatenate([idx, np.full(pad, idx[-1], dtype=idx.dtype)])
+    rows = torch.from_numpy(idx).to(device)
+    return rows[: len(rows) - pad], rows
 
 
 def step_decisions(router: TokenRouter, tokens: TokenPlan, blocks: list[Tensor],
