@@ -82,13 +82,14 @@ def row_bucket(device_type: str) -> int:
     never scattered back.
 
     On the CPU, vLLM's linears (oneDNN ``onednn_mm``) and torch's matmuls build a oneDNN
-    primitive for every new row count M, and its JIT-compiled kernels cost about as much as
-    the GEMM itself the first time an M is seen (1.2 ms more for a layer's o_proj and MLP at
-    M=600, 1.8 against 0.13 ms for the skip update on this CPU). Plain vLLM's layers all see a
-    step's token count; a routed layer sees its own kept count, new in almost every served
-    step, so without buckets every routed layer compiled kernels every step (about 100 ms of
-    a 600-token step). With buckets of 16 a layer sees at most 128 row counts per 2048 tokens,
-    and pays at most 15 padding rows a GEMM. GPUs' GEMM libraries compile nothing per M."""
+    primitive for every new row count M and JIT-compile its kernels the first time an M is
+    seen (on a 2-core AVX-512 CPU: a layer's o_proj, gate_up and down at about 600 rows 13.3
+    against 8.9 ms, a rank-32 product of the skip update's form 1.9 against 0.13 ms;
+    docs/PERFORMANCE.md). Plain vLLM's layers all see a step's token count; a routed layer
+    sees its own kept count, new in almost every served step, so without buckets every routed
+    layer compiled kernels every step (about 100 ms of a 600-token step). With buckets of 16
+    a layer sees at most 128 row counts per 2048 tokens, and pays at most 15 padding rows a
+    GEMM. GPUs' GEMM libraries compile nothing per M."""
     return CPU_ROW_BUCKET if device_type == "cpu" else 1
 
 
