@@ -44,7 +44,6 @@ def test_no_kept_token_makes_no_run():
     assert split_runs(runs.num_runs, None) == []  # no attention call, no metadata build
 
 
-
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 600])
 def test_padded_rows_round_up_to_the_bucket_and_keep_the_real_rows(n):
     """A routed layer's GEMMs see a multiple of the row bucket (one oneDNN primitive per
@@ -53,10 +52,14 @@ def test_padded_rows_round_up_to_the_bucket_and_keep_the_real_rows(n):
     real, rows = padded_rows(idx, 16, "cpu")
     assert real.tolist() == idx.tolist()
     assert rows.numel() % 16 == 0 and rows.numel() - n < 16
-    assert rows[n:].tolist() == [idx[-1]] * (rows.numel() - n) if n else rows.numel() == 0
+    if n:
+        assert rows[n:].tolist() == [idx[-1]] * (rows.numel() - n)
+    else:
+        assert rows.numel() == 0
     assert real.data_ptr() == rows.data_ptr()  # a view: one host copy per route
     _, unpadded = padded_rows(idx, 1, "cpu")
     assert unpadded.numel() == n
+
 
 def test_split_runs_bounds_every_group():
     assert split_runs(7, None) == [(0, 7)]
